@@ -1,0 +1,38 @@
+# The embedded synthetic_shapes dataset (generated on first use), with DETR's augmentation
+# scaled from COCO's 800-pixel recipe to these 224-320 pixel images (x 256/800).
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.evaluation import COCOEvaluator
+from omegaconf import OmegaConf
+
+from detr_variants.data import DetrDatasetMapper, detr_test_augmentations, detr_train_augmentations
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="synthetic_shapes_train", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        augmentations=L(detr_train_augmentations)(
+            min_sizes=list(range(160, 257, 16)), max_size=427,
+            crop_resize_sizes=[128, 160, 192], crop_size=[123, 192]),
+        image_format="RGB",
+    ),
+    total_batch_size=8,
+    num_workers=2,
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="synthetic_shapes_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=False,
+        augmentations=L(detr_test_augmentations)(min_size=256, max_size=427),
+        image_format="RGB",
+    ),
+    num_workers=2,
+)
+
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    use_fast_impl=False,  # the fast COCOeval needs detectron2's compiled _C
+)

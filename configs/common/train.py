@@ -1,0 +1,16 @@
+# Training defaults shared by every experiment (overridden per experiment / on the command line).
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",
+    device="auto",  # cuda when available, else cpu
+    epochs=None,  # converted to iterations from the dataset size and total batch size
+    max_iter=None,  # when set, wins over epochs
+    amp=dict(enabled=False, dtype="bfloat16"),  # bfloat16 on CPU; float16 or bfloat16 on CUDA
+    clip_grad=dict(enabled=True, max_norm=0.1),
+    ema=dict(enabled=False, decay=0.9998, warmup=2000.0),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False),
+    checkpointer=dict(period=5000, max_to_keep=3),
+    eval_period=5000,  # 0: evaluate only at the end
+    log_period=20,
+    seed=-1,  # >= 0 for reproducible runs
+)

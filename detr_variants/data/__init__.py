@@ -1,0 +1,8 @@
+from .mapper import DetrDatasetMapper, valid_annotations
+from .synthetic import register_synthetic_shapes
+from .transforms import RandomChoice, detr_test_augmentations, detr_train_augmentations
+
+register_synthetic_shapes()
+
+__all__ = ["DetrDatasetMapper", "valid_annotations", "register_synthetic_shapes", "RandomChoice",
+           "detr_test_augmentations", "detr_train_augmentations"]

@@ -1,0 +1,41 @@
+"""DETR's augmentation (Carion et al. 2020, Sec. 4) in detectron2 ``Augmentation`` form."""
+from typing import List, Sequence
+
+import numpy as np
+from detectron2.data import transforms as T
+
+
+class RandomChoice(T.Augmentation):
+    """Applies one of several augmentation lists, chosen uniformly at random."""
+
+    def __init__(self, choices: Sequence[Sequence[T.Augmentation]]):
+        super().__init__()
+        self.choices = [T.AugmentationList(list(c)) for c in choices]
+
+    def __call__(self, aug_input) -> T.Transform:
+        return self.choices[np.random.randint(len(self.choices))](aug_input)
+
+    def __repr__(self):
+        return f"RandomChoice({self.choices})"
+
+
+def detr_train_augmentations(min_sizes: Sequence[int] = tuple(range(480, 801, 32)), max_size: int = 1333,
+                             crop_resize_sizes: Sequence[int] = (400, 500, 600),
+                             crop_size: Sequence[int] = (384, 600)) -> List[T.Augmentation]:
+    """Horizontal flip, then with equal chance either a multi-scale resize, or
+    resize → random crop → multi-scale resize (the official ``make_coco_transforms``)."""
+    resize = T.ResizeShortestEdge(list(min_sizes), max_size, sample_style="choice")
+    return [
+        T.RandomFlip(horizontal=True),
+        RandomChoice([
+            [resize],
+            [T.ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
+             T.RandomCrop("absolute_range", tuple(crop_size)),
+             resize],
+        ]),
+    ]
+
+
+def detr_test_augmentations(min_size: int = 800, max_size: int = 1333) -> List[T.Augmentation]:
+    """Shortest edge ``min_size``, longest at most ``max_size``."""
+    return [T.ResizeShortestEdge(min_size, max_size)]

@@ -1,0 +1,95 @@
+"""Training loop: detectron2's ``SimpleTrainer`` plus device-agnostic autocast, gradient
+clipping and an optional weight EMA."""
+import time
+from typing import Dict, Iterable, Optional
+
+import torch
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(amp_enabled: bool, amp_dtype: str, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype for ``device_type``, or None when AMP is off. CPU autocast is bf16 only."""
+    if not amp_enabled:
+        return None
+    if amp_dtype not in _AMP_DTYPES:
+        raise ValueError(f"train.amp.dtype must be one of {sorted(_AMP_DTYPES)}, got {amp_dtype!r}")
+    if device_type == "cpu" and amp_dtype != "bfloat16":
+        raise ValueError("AMP on CPU supports bfloat16 only (set train.amp.dtype=bfloat16)")
+    return _AMP_DTYPES[amp_dtype]
+
+
+class SetPredictionTrainer(SimpleTrainer):
+    """One step: forward (inside autocast when ``amp_dtype`` is set), backward (with a
+    ``GradScaler`` for float16), gradient clipping by total norm, optimizer step.
+
+    Args:
+        clip_max_norm: clip the gradient norm of all trainable parameters to this (≤ 0: off).
+        clip_params: parameters to clip instead of all of them (TSP clips the transformer only).
+    """
+
+    def __init__(self, model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer, *,
+                 amp_dtype: Optional[torch.dtype] = None, clip_max_norm: float = 0.0,
+                 clip_params: Optional[Iterable[nn.Parameter]] = None):
+        super().__init__(model, data_loader, optimizer)
+        self.device_type = next(model.parameters()).device.type
+        self.amp_dtype = amp_dtype
+        self.clip_max_norm = clip_max_norm
+        self.clip_params = None if clip_params is None else list(clip_params)
+        use_scaler = amp_dtype == torch.float16 and self.device_type == "cuda"
+        self.grad_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def run_step(self):
+        assert self.model.training, "[SetPredictionTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss_dict = self.model(data)
+        losses = sum(loss_dict.values())
+        if not torch.isfinite(losses):
+            raise FloatingPointError(f"Loss became infinite or NaN at iteration {self.iter}: "
+                                     f"{ {k: v.item() for k, v in loss_dict.items()} }")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+        else:
+            losses.backward()
+        self.after_backward()
+        if self.clip_max_norm > 0:
+            params = self.clip_params if self.clip_params is not None else [
+                p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm)
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self) -> Dict:
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """``DistributedDataParallel`` when running with more than one process, on CPU (gloo) too."""
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).device.type == "cuda":
+        kwargs.setdefault("device_ids", [comm.get_local_rank()])
+    return DistributedDataParallel(model, **kwargs)

@@ -1,0 +1,49 @@
+"""``get_config`` / ``get`` over the packaged experiment configs, like ``detectron2.model_zoo``.
+
+Config paths are relative to the repository root, e.g.
+``get_config("projects/detr/configs/detr_r18_synthetic.py")`` or the short form
+``get_config("detr/detr_r18_synthetic")`` (project/name).
+"""
+import os
+
+from detectron2.config import LazyConfig, instantiate
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_path(name: str) -> str:
+    """Absolute path of a packaged config; raises ``FileNotFoundError`` listing the choices."""
+    candidates = [name, os.path.join("projects", name.split("/")[0], "configs", *name.split("/")[1:])]
+    for rel in candidates:
+        path = os.path.join(_ROOT, rel if rel.endswith(".py") else rel + ".py")
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no config {name!r}; available: {', '.join(list_configs())}")
+
+
+def list_configs():
+    """Short names (``project/name``) of every experiment config."""
+    projects = os.path.join(_ROOT, "projects")
+    names = []
+    for project in sorted(os.listdir(projects)) if os.path.isdir(projects) else []:
+        folder = os.path.join(projects, project, "configs")
+        if os.path.isdir(folder):
+            names += [f"{project}/{f[:-3]}" for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+    return names
+
+
+def get_config(name: str):
+    """The LazyConfig of a packaged experiment."""
+    return LazyConfig.load(config_path(name))
+
+
+def get(name: str, trained: bool = False):
+    """The model of a packaged experiment, built (on CPU) and, with ``trained``, loaded from
+    the config's ``train.init_checkpoint``."""
+    cfg = get_config(name)
+    model = instantiate(cfg.model)
+    if trained:
+        from .checkpoint import Checkpointer
+
+        Checkpointer(model, strict=True).load(cfg.train.init_checkpoint)
+    return model

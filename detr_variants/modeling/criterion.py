@@ -1,0 +1,116 @@
+"""Set criterion: losses between matched predictions and ground truth (DETR, Sec. 3.1)."""
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.utils import comm
+from torch import Tensor, nn
+
+from ..layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Elementwise focal loss (Lin et al. 2017) on sigmoid probabilities; alpha < 0 disables weighting."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched class, L1 and GIoU losses, for the final and every auxiliary output.
+
+    Loss weights live here, not in configs: every entry of ``outputs["aux_outputs"]`` (one per
+    intermediate decoder layer) and ``outputs["enc_outputs"]`` (two-stage proposals) gets the same
+    weights as the final layer, so changing the number of decoder layers needs no other change.
+    The returned losses are already weighted; their sum is the training loss.
+
+    Args:
+        num_classes: foreground classes (detectron2 contiguous ids).
+        matcher: e.g. :class:`HungarianMatcher`.
+        weight_dict: weights of ``loss_class``, ``loss_bbox`` and ``loss_giou``.
+        class_loss: ``"focal"`` (sigmoid focal, summed / num_boxes, as Deformable DETR) or
+            ``"ce"`` (softmax over classes + no-object with ``eos_coef`` on no-object, as DETR).
+    """
+
+    def __init__(self, *, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
+                 class_loss: str = "focal", eos_coef: float = 0.1, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0):
+        super().__init__()
+        unknown = set(weight_dict) - {"loss_class", "loss_bbox", "loss_giou"}
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}")
+        if class_loss not in ("focal", "ce"):
+            raise ValueError(f"class_loss must be 'focal' or 'ce', got {class_loss!r}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.class_loss = class_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.eos_coef = eos_coef
+        if class_loss == "ce":
+            empty_weight = torch.ones(num_classes + 1)
+            empty_weight[-1] = eos_coef
+            self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def loss_class(self, outputs, targets, indices, num_boxes: float) -> Tensor:
+        logits = outputs["pred_logits"].float()
+        b, q = logits.shape[:2]
+        target_classes = torch.full((b, q), self.num_classes, dtype=torch.long, device=logits.device)
+        batch_idx, src_idx = _flat_indices(indices)
+        target_classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        if self.class_loss == "ce":
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        # One-hot over the real classes only: "no object" is the all-zero target.
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
+        loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
+        return loss.sum() / num_boxes
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes: float) -> Dict[str, Tensor]:
+        batch_idx, src_idx = _flat_indices(indices)
+        src = outputs["pred_boxes"][batch_idx, src_idx].float()
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        return {
+            "loss_bbox": F.l1_loss(src, tgt, reduction="none").sum() / num_boxes,
+            "loss_giou": (1 - giou).sum() / num_boxes,
+        }
+
+    def losses_for(self, outputs, targets, num_boxes: float) -> Dict[str, Tensor]:
+        """Unweighted losses of one set of predictions against ``targets``."""
+        indices = self.matcher(outputs, targets)
+        losses = {"loss_class": self.loss_class(outputs, targets, indices, num_boxes)}
+        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        return losses
+
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """``targets``: per image ``labels`` (G,) and normalised cxcywh ``boxes`` (G, 4)."""
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        groups = [("", outputs, targets)]
+        groups += [(f"_{i}", aux, targets) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic targets
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            groups.append(("_enc", outputs["enc_outputs"], agnostic))
+        losses = {}
+        for suffix, preds, tgts in groups:
+            for name, value in self.losses_for(preds, tgts, num_boxes).items():
+                losses[name + suffix] = value * self.weight_dict.get(name, 0.0)
+        return losses
+
+    @staticmethod
+    def num_boxes(targets: List[Dict[str, Tensor]], device) -> float:
+        """GT boxes per process, averaged over processes and clamped to at least 1."""
+        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(n)
+        return torch.clamp(n / comm.get_world_size(), min=1).item()
+
+
+def _flat_indices(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, src_idx

@@ -1,0 +1,50 @@
+"""DETR (Carion et al. 2020): the baseline every fast-converging variant is measured against."""
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+from ...layers.mlp import MLP
+from ...layers.transformer import xavier_init_
+from .base import SetPredictionDetector, set_prediction_outputs
+
+
+@META_ARCH_REGISTRY.register()
+class DETR(SetPredictionDetector):
+    """Single-scale encoder-decoder transformer with ``num_queries`` learned object queries.
+
+    Softmax classification over the classes plus "no object"; a 3-layer MLP predicts sigmoid
+    cxcywh boxes; every decoder layer's output is supervised (auxiliary losses).
+
+    Args:
+        encoder, decoder: :class:`TransformerEncoder` / :class:`TransformerDecoder`.
+        position_embedding: maps the padding mask to (B, hidden_dim, H, W).
+        in_feature: the backbone output the transformer reads (``"res5"``).
+        **kwargs: :class:`SetPredictionDetector` arguments.
+    """
+
+    def __init__(self, *, encoder: nn.Module, decoder: nn.Module, position_embedding: nn.Module,
+                 num_queries: int = 100, hidden_dim: int = 256, in_feature: str = "res5",
+                 aux_loss: bool = True, **kwargs):
+        super().__init__(class_score="softmax", **kwargs)
+        self.in_feature = in_feature
+        self.aux_loss = aux_loss
+        self.input_proj = nn.Conv2d(self.backbone.output_shape()[in_feature].channels, hidden_dim, 1)
+        self.position_embedding = position_embedding
+        self.encoder = encoder
+        self.decoder = decoder
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, self.num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        xavier_init_(self.encoder)
+        xavier_init_(self.decoder)
+
+    def compute_outputs(self, images, padding_mask):
+        features, masks = self.backbone_features(images, padding_mask)
+        src = self.input_proj(features[self.in_feature])
+        mask = masks[self.in_feature]
+        pos = self.position_embedding(mask).to(src.dtype).flatten(2).transpose(1, 2)
+        src, mask = src.flatten(2).transpose(1, 2), mask.flatten(1)
+        memory = self.encoder(src, pos=pos, key_padding_mask=mask)
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(src.shape[0], -1, -1)
+        hs = self.decoder(query_pos.new_zeros(query_pos.shape), memory, query_pos=query_pos, pos=pos,
+                          memory_key_padding_mask=mask)
+        return set_prediction_outputs(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
