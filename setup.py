@@ -26,12 +26,12 @@ def native_extensions():
     want_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
     )
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]
     if os.environ.get("DETR_VARIANTS_NATIVE_ARCH", "0") == "1":
         cxx.append("-march=native")
     openmp = ["-fopenmp"]
     if want_cuda and cuda_sources:
-        nvcc = ["-O3", "--use_fast_math", "-std=c++17", "-DCUDA_HAS_FP16=1",
+        nvcc = ["-O3", "--use_fast_math", "-std=c++20", "-DCUDA_HAS_FP16=1",
                 "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                 "-D__CUDA_NO_HALF2_OPERATORS__"]
         return [CUDAExtension(

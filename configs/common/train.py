@@ -10,7 +10,7 @@ train = dict(
     ema=dict(enabled=False, decay=0.9998, warmup=2000.0),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False),
     checkpointer=dict(period=5000, max_to_keep=3),
-    eval_period=5000,  # 0: evaluate only at the end
+    eval_period=5000,  # 0: evaluate only at the end; -1: never
     log_period=20,
     seed=-1,  # >= 0 for reproducible runs
 )

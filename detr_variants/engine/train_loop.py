@@ -63,7 +63,7 @@ def _check_key_exists(cfg: DictConfig, key: str) -> None:
 
 def _accepted_arguments(target) -> List[str]:
     """Names of the keyword arguments a LazyCall target accepts (through its class hierarchy)."""
-    fn = locate(target) if isinstance(target, str) else target
+    fn = _callable(target)
     names = []
     for f in ([c.__init__ for c in inspect.getmro(fn) if "__init__" in vars(c)] if inspect.isclass(fn) else [fn]):
         try:
@@ -74,6 +74,11 @@ def _accepted_arguments(target) -> List[str]:
     return names
 
 
+def _callable(target):
+    """A LazyCall ``_target_``: the callable itself, or its dotted path."""
+    return locate(target) if isinstance(target, str) else target
+
+
 # ------------------------------------------------------------------ data and schedule
 def build_train_loader(cfg) -> Tuple[object, int]:
     """The training loader and the number of training images (to turn epochs into iterations)."""
@@ -81,16 +86,17 @@ def build_train_loader(cfg) -> Tuple[object, int]:
     dataset = instantiate(loader_cfg.dataset)
     kwargs = {k: instantiate(v) if OmegaConf.is_config(v) else v
               for k, v in loader_cfg.items() if k not in ("_target_", "dataset")}
-    return locate(loader_cfg._target_)(dataset=dataset, **kwargs), len(dataset)
+    return _callable(loader_cfg._target_)(dataset=dataset, **kwargs), len(dataset)
 
 
 def resolve_max_iter(train_cfg, num_images: int, total_batch_size: int) -> int:
     """``train.max_iter`` when given, otherwise ``train.epochs`` worth of iterations."""
-    if train_cfg.get("max_iter"):
-        return int(train_cfg.max_iter)
-    if not train_cfg.get("epochs"):
+    max_iter, epochs = train_cfg.get("max_iter"), train_cfg.get("epochs")
+    if max_iter:
+        return int(max_iter)
+    if not epochs:
         raise ValueError("set train.epochs or train.max_iter")
-    return max(1, math.ceil(train_cfg.epochs * num_images / total_batch_size))
+    return max(1, math.ceil(epochs * num_images / total_batch_size))
 
 
 # ------------------------------------------------------------------ evaluation
@@ -157,7 +163,7 @@ def train(cfg, resume: bool = False) -> Dict:
         hooks.LRScheduler(scheduler=LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter)),
         hooks.PeriodicCheckpointer(checkpointer, max_iter=max_iter, **cfg.train.checkpointer)
         if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, evaluate_and_keep),
+        hooks.EvalHook(cfg.train.eval_period, evaluate_and_keep) if cfg.train.eval_period >= 0 else None,
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])

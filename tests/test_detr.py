@@ -1,0 +1,104 @@
+import pytest
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone
+
+from detr_variants.model_zoo import get_config
+from detr_variants.modeling import DETR
+from helpers import image_input
+
+
+class PatchBackbone(Backbone):
+    """Non-overlapping 32x32 patches: unlike a ResNet, blind to padding beyond the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 64, kernel_size=32, stride=32)
+
+    def forward(self, x):
+        return {"res5": self.proj(x)}
+
+    def output_shape(self):
+        return {"res5": ShapeSpec(channels=64, stride=32)}
+
+
+def build(backbone=None):
+    cfg = get_config("detr/detr_r18_synthetic")
+    cfg.model.encoder.num_layers = 2
+    cfg.model.decoder.num_layers = 2
+    if backbone is not None:
+        cfg.model.backbone = backbone
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build()
+
+
+def test_registered_and_official_head_sizes(model):
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    assert META_ARCH_REGISTRY.get("DETR") is DETR
+    assert model.class_embed.out_features == model.num_classes + 1  # + no-object
+    assert model.query_embed.num_embeddings == 100
+
+
+def test_train_step_gives_finite_losses_and_gradients(model):
+    model.train()
+    batch = [image_input(96, 128, [[10, 10, 60, 50], [30, 40, 90, 90]], [1, 4], seed=0),
+             image_input(80, 100, [], [], seed=1)]  # an image without objects
+    losses = model(batch)
+    assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0", "loss_giou_0"} <= set(losses)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    model.zero_grad()
+    total.backward()
+    assert model.class_embed.weight.grad.abs().sum() > 0
+    assert model.backbone.stem.conv1.weight.grad.abs().sum() > 0
+
+
+def test_eval_returns_instances_in_original_coordinates(model):
+    model.eval()
+    x = image_input(96, 128, with_instances=False)
+    x.update(height=192, width=256)
+    with torch.no_grad():
+        out = model([x])[0]["instances"]
+    assert out.image_size == (192, 256)
+    assert len(out) == 100
+    assert out.pred_boxes.tensor[:, 2].max() <= 256 and out.pred_boxes.tensor[:, 3].max() <= 192
+    assert (out.pred_classes < model.num_classes).all()  # the no-object class is never predicted
+    assert ((out.scores >= 0) & (out.scores <= 1)).all()
+
+
+def test_results_do_not_depend_on_batch_composition():
+    """Padding masks keep a small image's prediction unchanged when batched with a larger one.
+
+    A ResNet's receptive field does see the padding (as in the official code), so a patch backbone
+    with image sides at multiples of its stride isolates what this checks: the transformer
+    ignores padded tokens.
+    """
+    model = build(L(PatchBackbone)()).eval()
+    small = image_input(64, 96, with_instances=False, seed=3)
+    large = image_input(128, 160, with_instances=False, seed=4)
+    with torch.no_grad():
+        alone = model([small])[0]["instances"]
+        batched = model([small, large])[0]["instances"]
+    assert torch.allclose(alone.scores, batched.scores, atol=1e-5)
+    assert torch.allclose(alone.pred_boxes.tensor, batched.pred_boxes.tensor, atol=1e-3)
+
+
+def test_image_smaller_than_the_largest_stride(model):
+    model.eval()
+    with torch.no_grad():
+        out = model([image_input(20, 24, with_instances=False)])[0]["instances"]
+    assert len(out) > 0 and torch.isfinite(out.pred_boxes.tensor).all()
+
+
+def test_gt_class_outside_the_model_range_is_an_error(model):
+    model.train()
+    with pytest.raises(ValueError, match="num_classes"):
+        model([image_input(64, 64, [[1, 1, 30, 30]], [model.num_classes])])
