@@ -4,4 +4,4 @@ from .mlp import MLP
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, sine_embed_coordinates
 from .transformer import (FeedForward, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer, clone_layers, xavier_init_)
-
+from .ms_deform_attn import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_pytorch

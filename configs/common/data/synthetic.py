@@ -1,5 +1,5 @@
 # The embedded synthetic_shapes dataset (generated on first use), with DETR's augmentation
-# scaled from COCO's 800-pixel recipe to these 224-320 pixel images (x 256/800).
+# scaled from COCO's 800-pixel recipe by 224/800 (the images are 224-320 pixels a side).
 from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
@@ -14,8 +14,8 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(DetrDatasetMapper)(
         is_train=True,
         augmentations=L(detr_train_augmentations)(
-            min_sizes=list(range(160, 257, 16)), max_size=427,
-            crop_resize_sizes=[128, 160, 192], crop_size=[123, 192]),
+            min_sizes=list(range(144, 225, 16)), max_size=373,
+            crop_resize_sizes=[112, 140, 168], crop_size=[108, 168]),
         image_format="RGB",
     ),
     total_batch_size=8,
@@ -26,7 +26,7 @@ dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="synthetic_shapes_val", filter_empty=False),
     mapper=L(DetrDatasetMapper)(
         is_train=False,
-        augmentations=L(detr_test_augmentations)(min_size=256, max_size=427),
+        augmentations=L(detr_test_augmentations)(min_size=224, max_size=373),
         image_format="RGB",
     ),
     num_workers=2,

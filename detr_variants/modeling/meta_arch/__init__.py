@@ -1,4 +1,5 @@
 from .base import SetPredictionDetector, set_prediction_outputs
+from .deformable_detr import DeformableDETR
 from .detr import DETR
 
-__all__ = ["SetPredictionDetector", "set_prediction_outputs", "DETR"]
+__all__ = ["SetPredictionDetector", "set_prediction_outputs", "DETR", "DeformableDETR"]

@@ -1,0 +1,155 @@
+"""Official (Atten4Vis/ConditionalDETR) and HF ``ConditionalDetrForObjectDetection`` checkpoints →
+:class:`~detr_variants.modeling.meta_arch.conditional_detr.ConditionalDETR`.
+
+Our decoder layers keep the official names (``sa_*_proj``, ``ca_*_proj``, ``self_attn.out_proj``,
+``cross_attn.out_proj``, ``norm1``, ``norm2``); their FFN lives in ``ffn`` (``linear1``,
+``linear2``, ``norm``), as in DETR's shared encoder layer. The official and HF COCO heads have 91
+rows indexed by COCO category id; they become detectron2's 80 contiguous classes.
+"""
+import re
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from .convert import (StateDict, coco_class_rows, drop_batchnorm_counters, register_converter,
+                      torchvision_resnet_name)
+from .hf_resnet import hf_resnet_name
+
+_FFN = {"linear1": "ffn.linear1", "linear2": "ffn.linear2"}
+_OFFICIAL_ENCODER = {"norm1": "norm", "norm2": "ffn.norm", **_FFN}
+_OFFICIAL_DECODER = {"norm3": "ffn.norm", **_FFN}
+_OFFICIAL_TOP = ("bbox_embed.", "query_embed.", "input_proj.")
+
+
+def _class_rows(weight: Tensor, num_classes: Optional[int]) -> Tensor:
+    """A class head (weight or bias) with one row per class id → ``num_classes`` rows.
+
+    91 rows (COCO ids 0..90) become the 80 contiguous COCO classes unless ``num_classes`` is 91;
+    a head that already has ``num_classes`` rows (or any other size, with ``num_classes=None``)
+    is kept as it is.
+    """
+    rows = weight.shape[0]
+    if num_classes is None or rows == num_classes:
+        return coco_class_rows(weight) if rows == 91 and num_classes is None else weight
+    if rows == 91 and num_classes == 80:
+        return coco_class_rows(weight)
+    raise ValueError(f"class head has {rows} rows; cannot make {num_classes} classes of it")
+
+
+def _rename(rest: str, table: Dict[str, str]) -> str:
+    """Renames the module path of ``rest`` (everything but the last name) through ``table``."""
+    module, _, leaf = rest.rpartition(".")
+    return f"{table.get(module, module)}.{leaf}"
+
+
+def _unknown(keys, source: str):
+    if keys:
+        raise KeyError(f"{len(keys)} {source} Conditional DETR keys not understood: {', '.join(sorted(keys)[:8])}"
+                       + (" ..." if len(keys) > 8 else ""))
+
+
+@register_converter("official", "conditional_detr")
+def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -> StateDict:
+    """Official checkpoint (``backbone.0.body.*`` torchvision ResNet, ``transformer.*``, heads).
+
+    Args:
+        num_classes: classes of the target model; ``None`` maps a 91-row COCO head to 80 classes
+            and keeps any other head.
+    """
+    out, unknown = {}, []
+    for key, value in drop_batchnorm_counters(state_dict).items():
+        layer = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
+        if key.startswith("backbone.0.body."):
+            name = torchvision_resnet_name(key[len("backbone.0.body."):])
+            target = None if name is None else "backbone." + name
+        elif layer:
+            part, index, rest = layer.groups()
+            table = _OFFICIAL_ENCODER if part == "encoder" else _OFFICIAL_DECODER
+            target = f"{part}.layers.{index}.{_rename(rest, table)}"
+        elif re.match(r"transformer\.decoder\.(norm|query_scale|ref_point_head)\.", key):
+            target = key[len("transformer."):]
+        elif key.startswith("class_embed."):
+            target, value = key, _class_rows(value, num_classes)
+        elif key.startswith(_OFFICIAL_TOP):
+            target = key
+        else:
+            target = None
+        if target is None:
+            unknown.append(key)
+        else:
+            out[target] = value
+    _unknown(unknown, "official")
+    return out
+
+
+# HF module names inside a layer, current (transformers 5) and legacy (<= 4.x hub checkpoints).
+_HF_ENCODER = {"self_attn.o_proj": "self_attn.out_proj", "self_attn.out_proj": "self_attn.out_proj",
+               "self_attn_layer_norm": "norm", "final_layer_norm": "ffn.norm",
+               "mlp.fc1": "ffn.linear1", "fc1": "ffn.linear1", "mlp.fc2": "ffn.linear2", "fc2": "ffn.linear2"}
+_HF_DECODER = {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2",
+               "final_layer_norm": "ffn.norm", "mlp.fc1": "ffn.linear1", "fc1": "ffn.linear1",
+               "mlp.fc2": "ffn.linear2", "fc2": "ffn.linear2"}
+for _hf, _ours in [("q_content_proj", "qcontent_proj"), ("q_pos_proj", "qpos_proj"),
+                   ("k_content_proj", "kcontent_proj"), ("k_pos_proj", "kpos_proj"), ("v_proj", "v_proj"),
+                   ("q_pos_sine_proj", "qpos_sine_proj")]:
+    for _hf_module, _prefix in (("self_attn", "sa_"), ("encoder_attn", "ca_")):
+        _HF_DECODER[f"{_hf_module}.{_hf}"] = _HF_DECODER[_prefix + _ours] = _prefix + _ours
+for _hf_module, _ours in (("self_attn", "self_attn"), ("encoder_attn", "cross_attn")):
+    for _proj in ("o_proj", "out_proj"):
+        _HF_DECODER[f"{_hf_module}.{_proj}"] = f"{_ours}.out_proj"
+_HF_BACKBONE = ("model.backbone.model.", "model.backbone.conv_encoder.model.")  # current, legacy
+_HF_TOP = {"model.query_position_embeddings.": "query_embed.", "model.input_projection.": "input_proj.",
+           "model.decoder.layernorm.": "decoder.norm.", "model.decoder.query_scale.": "decoder.query_scale.",
+           "model.decoder.ref_point_head.": "decoder.ref_point_head.", "bbox_predictor.": "bbox_embed.",
+           "class_labels_classifier.": "class_embed."}
+
+
+def _hf_target(key: str) -> Optional[str]:
+    """Our name of an HF parameter other than the encoder's q/k/v projections (None: unknown)."""
+    backbone = next((p for p in _HF_BACKBONE if key.startswith(p)), None)
+    if backbone:
+        rest = key[len(backbone):]
+        name = hf_resnet_name(rest) or torchvision_resnet_name(rest)
+        return None if name is None else "backbone." + name
+    layer = re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(\w+)", key)
+    if layer:
+        part, index, module, leaf = layer.groups()
+        table = _HF_ENCODER if part == "encoder" else _HF_DECODER
+        return f"{part}.layers.{index}.{table[module]}.{leaf}" if module in table else None
+    top = next((p for p in _HF_TOP if key.startswith(p)), None)
+    return None if top is None else _HF_TOP[top] + key[len(top):]
+
+
+@register_converter("hf", "conditional_detr")
+def convert_hf(state_dict: StateDict, num_classes: Optional[int] = None) -> StateDict:
+    """HF ``ConditionalDetrForObjectDetection`` state dict → ours.
+
+    Reads both the HF-ResNet backbone (``use_timm_backbone=False``, see :func:`hf_resnet_name`)
+    and the timm one of the hub checkpoints (torchvision names), and both the current and the
+    legacy (``sa_qcontent_proj``, ``fc1``, ``out_proj``, ``conv_encoder``) layer names. The
+    encoder's separate q/k/v projections are stacked into ``in_proj_weight``/``in_proj_bias``.
+
+    Args:
+        num_classes: classes of the target model. ``None`` maps a 91-label COCO head (the hub
+            checkpoints, label ids = COCO ids) to 80 classes and keeps any other head, e.g. a
+            model trained with ``num_labels`` equal to the model's ``num_classes``.
+    """
+    out, qkv, unknown = {}, {}, []
+    for key, value in drop_batchnorm_counters(state_dict).items():
+        encoder_qkv = re.fullmatch(r"model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key)
+        if encoder_qkv:
+            index, which, leaf = encoder_qkv.groups()
+            qkv.setdefault((index, leaf), {})[which] = value
+            continue
+        target = _hf_target(key)
+        if target is None:
+            unknown.append(key)
+            continue
+        out[target] = _class_rows(value, num_classes) if target.startswith("class_embed.") else value
+    for (index, leaf), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise KeyError(f"encoder layer {index}: incomplete q/k/v projection {leaf}s ({sorted(parts)})")
+        out[f"encoder.layers.{index}.self_attn.in_proj_{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    _unknown(unknown, "HF")
+    return out

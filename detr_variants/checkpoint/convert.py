@@ -1,0 +1,86 @@
+"""Converters from the papers' official checkpoints and from HF ``transformers`` state dicts to
+this repository's models.
+
+Each converter is registered for a (source, arch) pair and maps a state dict to one that
+``DetectionCheckpointer`` loads into the matching config's model. The pieces every converter
+needs live here: torchvision-ResNet names → detectron2 names, and COCO class heads indexed by
+the 91 raw category ids → detectron2's 80 contiguous classes.
+"""
+import re
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+StateDict = Dict[str, Tensor]
+_CONVERTERS: Dict[tuple, Callable[[StateDict], StateDict]] = {}
+
+# COCO category ids of detectron2's 80 contiguous classes, in order (ids 1..90 with 10 gaps).
+COCO_THING_IDS: List[int] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
+    33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
+    60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
+
+
+def register_converter(source: str, arch: str):
+    """Decorator registering ``fn(state_dict) -> state_dict`` for ``convert_checkpoint``."""
+    def wrap(fn):
+        _CONVERTERS[(source, arch)] = fn
+        return fn
+    return wrap
+
+
+def convert_checkpoint(state_dict: StateDict, source: str, arch: str) -> StateDict:
+    """Converts ``state_dict`` from ``source`` (``"official"`` or ``"hf"``) for model ``arch``.
+
+    Accepts a bare state dict or a checkpoint dict holding one under ``"model"``. The result
+    loads into the model of the matching config (80 COCO classes).
+    """
+    if (source, arch) not in _CONVERTERS:
+        known = ", ".join(f"{s}/{a}" for s, a in sorted(_CONVERTERS))
+        raise KeyError(f"no converter for source={source!r}, arch={arch!r}; known: {known}")
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    return _CONVERTERS[(source, arch)](dict(state_dict))
+
+
+def coco_class_rows(weight: Tensor, extra_rows: int = 0) -> Tensor:
+    """Keeps the rows of a class head indexed by raw COCO id (91 or 92 rows) that detectron2's 80
+    contiguous classes use, in contiguous order, plus the last ``extra_rows`` rows (DETR's
+    no-object)."""
+    index = list(COCO_THING_IDS) + list(range(weight.shape[0] - extra_rows, weight.shape[0]))
+    return weight[torch.as_tensor(index)]
+
+
+_TV_STAGE = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
+
+
+def torchvision_resnet_name(name: str) -> Optional[str]:
+    """torchvision ResNet parameter name → detectron2 ``ResNet`` name (None if not a ResNet name).
+
+    ``conv1``/``bn1`` → ``stem.conv1``/``stem.conv1.norm``; ``layerK.i.convJ``/``bnJ`` →
+    ``res{K+1}.i.convJ``/``.convJ.norm``; ``downsample.0``/``.1`` → ``shortcut``/``shortcut.norm``.
+    """
+    m = re.fullmatch(r"(conv1|bn1)\.(.+)", name)
+    if m:
+        return "stem.conv1." + ("norm." if m.group(1) == "bn1" else "") + m.group(2)
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(.+)", name)
+    if not m:
+        return None
+    stage, block, part, leaf = m.groups()
+    prefix = f"{_TV_STAGE['layer' + stage]}.{block}."
+    if part.startswith("conv"):
+        return prefix + f"{part}.{leaf}"
+    if part.startswith("bn"):
+        return prefix + f"conv{part[2:]}.norm.{leaf}"
+    return prefix + ("shortcut." if part.endswith("0") else "shortcut.norm.") + leaf
+
+
+def split_prefix(state_dict: StateDict, prefix: str) -> StateDict:
+    """The entries under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def drop_batchnorm_counters(state_dict: StateDict) -> StateDict:
+    """FrozenBatchNorm has no ``num_batches_tracked``."""
+    return {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}

@@ -1,0 +1,176 @@
+"""Deformable DETR (Zhu et al., ICLR 2021): multi-scale deformable attention, optional iterative
+box refinement and two-stage proposals, faithful to the official implementation."""
+import copy
+import math
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import Tensor, nn
+
+from ...layers.deformable_transformer import (flatten_levels, level_layout, refine_reference, valid_ratios)
+from ...layers.mlp import MLP
+from ...layers.position_encoding import sine_embed_coordinates
+from ...layers.ms_deform_attn import MultiScaleDeformableAttention
+from .base import SetPredictionDetector, set_prediction_outputs
+
+
+def _projection(in_channels: int, hidden_dim: int, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, hidden_dim, kernel_size, stride=stride, padding=kernel_size // 2)
+    nn.init.xavier_uniform_(conv.weight, gain=1)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.GroupNorm(32, hidden_dim))
+
+
+@META_ARCH_REGISTRY.register()
+class DeformableDETR(SetPredictionDetector):
+    """Deformable DETR.
+
+    Args:
+        in_features: backbone outputs used as levels (C3-C5, or C5 alone for single-scale).
+        num_feature_levels: levels fed to the transformer; levels beyond ``in_features`` are
+            made by 3x3 stride-2 convs, the first on the raw last backbone feature (C5).
+        encoder, decoder: :class:`DeformableEncoder` / :class:`DeformableDecoder`.
+        position_embedding: sine encoding with the -0.5 offset.
+        with_box_refine: per-layer heads; each decoder layer refines the previous box (Sec. 4.2).
+        two_stage: queries from the top-scoring encoder proposals (Sec. 4.2, App. A.4).
+    """
+
+    def __init__(self, *, in_features: Sequence[str], num_feature_levels: int, encoder: nn.Module,
+                 decoder: nn.Module, position_embedding: nn.Module, num_queries: int = 300,
+                 hidden_dim: int = 256, with_box_refine: bool = False, two_stage: bool = False,
+                 aux_loss: bool = True, **kwargs):
+        super().__init__(class_score="sigmoid", **kwargs)
+        if num_feature_levels < len(in_features):
+            raise ValueError("num_feature_levels must be at least len(in_features)")
+        self.in_features = list(in_features)
+        self.num_feature_levels = num_feature_levels
+        self.num_queries = num_queries
+        self.hidden_dim = hidden_dim
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.aux_loss = aux_loss
+        self.position_embedding = position_embedding
+        self.encoder = encoder
+        self.decoder = decoder
+
+        shapes = self.backbone.output_shape()
+        channels = [shapes[f].channels for f in self.in_features]
+        extra = [_projection(channels[-1] if i == 0 else hidden_dim, hidden_dim, 3, 2)
+                 for i in range(num_feature_levels - len(channels))]
+        self.input_proj = nn.ModuleList([_projection(c, hidden_dim) for c in channels] + extra)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+        if two_stage:
+            self.enc_output = nn.Linear(hidden_dim, hidden_dim)
+            self.enc_output_norm = nn.LayerNorm(hidden_dim)
+            self.pos_trans = nn.Linear(hidden_dim * 2, hidden_dim * 2)
+            self.pos_trans_norm = nn.LayerNorm(hidden_dim * 2)
+        else:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+            self.reference_points = nn.Linear(hidden_dim, 2)
+        self._reset_transformer_parameters()
+
+        class_embed = nn.Linear(hidden_dim, self.num_classes)
+        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        num_pred = len(self.decoder.layers) + int(two_stage)  # + the encoder-proposal head
+        if with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+            self.decoder.bbox_embed = self.bbox_embed
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList([class_embed] * num_pred)  # shared
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+        if two_stage:
+            for head in self.bbox_embed:
+                nn.init.zeros_(head.layers[-1].bias[2:])
+
+    def _reset_transformer_parameters(self) -> None:
+        """The official ``DeformableTransformer._reset_parameters``."""
+        for module in (self.encoder, self.decoder):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            for m in module.modules():
+                if isinstance(m, MultiScaleDeformableAttention):
+                    m._reset_parameters()
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def multi_level_features(self, images, padding_mask):
+        """Projected feature maps of every level with their masks and position encodings."""
+        features, masks = self.backbone_features(images, padding_mask)
+        srcs = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
+        level_masks = [masks[f] for f in self.in_features]
+        for proj in self.input_proj[len(srcs):]:
+            srcs.append(proj(features[self.in_features[-1]] if len(srcs) == len(self.in_features) else srcs[-1]))
+            level_masks.append(nn.functional.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:])
+                               .to(torch.bool)[0])
+        pos = [self.position_embedding(m).to(s.dtype) + e.view(1, -1, 1, 1)
+               for m, s, e in zip(level_masks, srcs, self.level_embed)]
+        return srcs, level_masks, pos
+
+    def compute_outputs(self, images, padding_mask) -> Dict:
+        srcs, masks, pos = self.multi_level_features(images, padding_mask)
+        spatial_shapes, level_start_index = level_layout(srcs)
+        ratios = valid_ratios(masks)
+        memory_mask = flatten_levels(masks)
+        memory = self.encoder(flatten_levels(srcs), flatten_levels(pos), spatial_shapes, level_start_index,
+                              ratios, memory_mask)
+
+        out_extra = {}
+        if self.two_stage:
+            query_pos, tgt, reference_points, enc_outputs = self.encoder_proposals(memory, memory_mask, spatial_shapes)
+            out_extra["enc_outputs"] = enc_outputs
+        else:
+            query_pos, tgt = self.query_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1).chunk(2, dim=-1)
+            reference_points = self.reference_points(query_pos).sigmoid()
+        hs, references = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                                      ratios, memory_mask)
+        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
+        boxes = torch.stack([refine_reference(self.bbox_embed[i](h), r) for i, (h, r) in enumerate(zip(hs, references))])
+        return {**set_prediction_outputs(logits, boxes, self.aux_loss), **out_extra}
+
+    def encoder_proposals(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor):
+        """Two-stage: score every encoder token as a proposal, keep the top ``num_queries``
+        (detached) as the decoder's reference boxes and derive its queries from them."""
+        output_memory, proposals = self.proposals_from_memory(memory, memory_mask, spatial_shapes)
+        enc_class = self.class_embed[-1](output_memory)
+        enc_coord_logits = self.bbox_embed[-1](output_memory) + proposals
+        topk = torch.topk(enc_class[..., 0], self.num_queries, dim=1)[1]
+        topk_coords = enc_coord_logits.gather(1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
+        reference_points = topk_coords.sigmoid()
+        query = self.pos_trans_norm(self.pos_trans(sine_embed_coordinates(reference_points, self.hidden_dim // 2)))
+        query_pos, tgt = query.chunk(2, dim=-1)
+        enc_outputs = {"pred_logits": enc_class, "pred_boxes": enc_coord_logits.sigmoid()}
+        return query_pos, tgt, reference_points, enc_outputs
+
+    def proposals_from_memory(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor):
+        """One proposal per token: its cell centre in the valid image and a size of 0.05·2^level,
+        in logit space; padding and proposals outside (0.01, 0.99) get +inf and zero memory
+        (the official ``gen_encoder_output_proposals``)."""
+        proposals: List[Tensor] = []
+        start = 0
+        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+            mask = memory_mask[:, start:start + h * w].view(-1, h, w)
+            valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
+            ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
+                                    torch.arange(w, dtype=torch.float32, device=memory.device), indexing="ij")
+            scale = torch.stack([valid_w, valid_h], -1).float().view(-1, 1, 1, 2)
+            centres = (torch.stack([xs, ys], -1)[None] + 0.5) / scale
+            sizes = torch.full_like(centres, 0.05 * 2.0 ** lvl)
+            proposals.append(torch.cat([centres, sizes], -1).view(mask.shape[0], -1, 4))
+            start += h * w
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals))
+        invalid = memory_mask.unsqueeze(-1) | ~valid
+        proposals = proposals.masked_fill(invalid, float("inf"))
+        output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(invalid, 0.0)))
+        return output_memory, proposals

@@ -1,0 +1,58 @@
+# Deformable DETR R50 (Zhu et al. 2021), the official recipe: C3-C5 + a stride-64 level, 6+6
+# deformable layers (FFN 1024), 300 queries, sigmoid focal loss, class/L1/GIoU = 2/5/2 for the
+# matcher and the loss, AdamW 2e-4 (backbone, sampling_offsets and reference_points x0.1),
+# weight decay 1e-4, clip 0.1, 50 epochs with a drop at 40, total batch 32.
+from detectron2.config import LazyCall as L
+
+from detr_variants.layers import PositionEmbeddingSine
+from detr_variants.layers.deformable_transformer import (DeformableDecoder, DeformableDecoderLayer,
+                                                         DeformableEncoder, DeformableEncoderLayer)
+from detr_variants.modeling import DeformableDETR, HungarianMatcher, SetCriterion, make_resnet
+
+from ....configs.common.data.coco_detr import dataloader
+from ....configs.common.optim import AdamW as optimizer
+from ....configs.common.schedule import step_schedule
+from ....configs.common.train import train
+
+model = L(DeformableDETR)(
+    backbone=L(make_resnet)(depth=50, out_features=["res3", "res4", "res5"], norm="FrozenBN", freeze_at=2),
+    in_features=["res3", "res4", "res5"],
+    num_feature_levels=4,
+    encoder=L(DeformableEncoder)(
+        layer=L(DeformableEncoderLayer)(d_model=256, dim_feedforward=1024, dropout=0.1,
+                                        num_levels="${...num_feature_levels}", num_heads=8, num_points=4),
+        num_layers=6,
+    ),
+    decoder=L(DeformableDecoder)(
+        layer=L(DeformableDecoderLayer)(d_model=256, dim_feedforward=1024, dropout=0.1,
+                                        num_levels="${...num_feature_levels}", num_heads=8, num_points=4),
+        num_layers=6,
+    ),
+    position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128, normalize=True, offset=-0.5),
+    num_queries=300,
+    hidden_dim=256,
+    with_box_refine=False,
+    two_stage=False,
+    num_classes=80,
+    criterion=L(SetCriterion)(
+        num_classes="${..num_classes}",
+        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="focal"),
+        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+        class_loss="focal",
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    ),
+    test_topk=100,
+    pixel_mean=[123.675, 116.280, 103.530],
+    pixel_std=[58.395, 57.120, 57.375],
+    input_format="RGB",
+)
+
+optimizer.lr = 2e-4
+optimizer.params.lr_multipliers = {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
+lr_multiplier = step_schedule(total_epochs=50, drop_epochs=[40])
+
+dataloader.train.total_batch_size = 32
+train.epochs = 50
+train.init_checkpoint = "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+train.output_dir = "./output/deformable_detr_r50_50ep"

@@ -1,0 +1,126 @@
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.structures import ImageList
+
+from detr_variants.checkpoint import convert_checkpoint
+from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.model_zoo import get_config
+from helpers import image_input
+
+CONFIGS = ["deformable_detr_r50_50ep", "deformable_detr_single_scale_r50_50ep",
+           "deformable_detr_single_scale_dc5_r50_50ep", "deformable_detr_refine_r50_50ep",
+           "deformable_detr_two_stage_r50_50ep", "deformable_detr_r18_synthetic"]
+
+
+def small_model(name, **overrides):
+    cfg = get_config(f"deformable_detr/{name}")
+    opts = ["model.encoder.num_layers=1", "model.decoder.num_layers=2", "model.num_queries=20"]
+    opts += [f"model.{k}={v}" for k, v in overrides.items()]
+    torch.manual_seed(0)
+    return instantiate(apply_overrides(cfg, opts).model)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_trains_and_predicts(name):
+    model = small_model(name)
+    model.train()
+    batch = [image_input(64, 96, [[5, 5, 40, 30], [20, 10, 90, 60]], [1, 2], seed=0),
+             image_input(48, 40, [], [], seed=1)]  # zero-GT image, mostly padding in the batch
+    losses = model(batch)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "sampling_offsets" in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    if model.two_stage:
+        assert "loss_class_enc" in losses
+    model.eval()
+    with torch.no_grad():
+        out = model([image_input(40, 56, with_instances=False)])[0]["instances"]
+    assert len(out) == 100 and (out.pred_classes < model.num_classes).all()
+
+
+def test_image_smaller_than_the_largest_stride():
+    model = small_model("deformable_detr_two_stage_r50_50ep").eval()
+    with torch.no_grad():
+        out = model([image_input(30, 20, with_instances=False), image_input(90, 120, with_instances=False)])
+    assert all(torch.isfinite(o["instances"].pred_boxes.tensor).all() for o in out)
+
+
+def test_official_initialisation():
+    model = small_model("deformable_detr_refine_r50_50ep")
+    assert torch.allclose(model.class_embed[0].bias, torch.full_like(model.class_embed[0].bias, -4.59512), atol=1e-4)
+    last = model.bbox_embed[0].layers[-1]
+    assert last.weight.abs().sum() == 0 and last.bias[:2].abs().sum() == 0
+    assert torch.equal(last.bias[2:], torch.full((2,), -2.0))
+    assert model.bbox_embed[1].layers[-1].bias[2:].abs().sum() == 0  # only the first refined head
+    attn = model.encoder.layers[0].self_attn
+    assert attn.attention_weights.weight.abs().sum() == 0 and attn.sampling_offsets.weight.abs().sum() == 0
+    assert model.decoder.bbox_embed is model.bbox_embed
+
+
+# ------------------------------------------------------------------ equivalence with HF transformers
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(with_box_refine, two_stage, d_model=64, num_queries=12):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    backbone = ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic",
+                            out_features=["stage2", "stage3", "stage4"])
+    cfg = DeformableDetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=d_model,
+        encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_attention_heads=8,
+        decoder_attention_heads=8, num_queries=num_queries, two_stage_num_proposals=num_queries, num_labels=6,
+        with_box_refine=with_box_refine, two_stage=two_stage, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0)
+    torch.manual_seed(0)
+    model = DeformableDetrForObjectDetection(cfg).eval()
+    # perturb every weight and statistic so that a wrong mapping cannot go unnoticed
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.dtype.is_floating_point:
+                noise = 0.05 * torch.randn(t.shape, generator=g)
+                t.copy_(t.abs() + 0.5 + noise.abs() if "running_var" in name else t + noise)
+    return model
+
+
+def _our_model(with_box_refine, two_stage, hf_cfg):
+    cfg = get_config("deformable_detr/deformable_detr_r18_synthetic")
+    d = hf_cfg.d_model
+    opts = [f"model.with_box_refine={with_box_refine}", f"model.two_stage={two_stage}",
+            "model.backbone.norm=FrozenBN", f"model.hidden_dim={d}", f"model.num_queries={hf_cfg.num_queries}",
+            f"model.position_embedding.num_pos_feats={d // 2}", f"model.num_classes={hf_cfg.num_labels}"]
+    for part in ("encoder", "decoder"):
+        opts += [f"model.{part}.num_layers=2", f"model.{part}.layer.d_model={d}",
+                 f"model.{part}.layer.dim_feedforward=96", f"model.{part}.layer.dropout=0.0"]
+    return instantiate(apply_overrides(cfg, opts).model).eval()
+
+
+@pytest.mark.parametrize("with_box_refine,two_stage", [(False, False), (True, False), (True, True)])
+def test_same_outputs_as_hf_transformers(with_box_refine, two_stage, tmp_path):
+    hf = _hf_model(with_box_refine, two_stage)
+    ours = _our_model(with_box_refine, two_stage, hf.config)
+    converted = convert_checkpoint(hf.state_dict(), "hf", "deformable_detr")
+    torch.save({"model": converted}, tmp_path / "converted.pth")
+    incompatible = DetectionCheckpointer(ours)._load_model({"model": converted})
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+
+    # two images of different sizes, padded into one batch
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.zeros(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.long)
+    pixels[0, :, :96, :112] = torch.randn(3, 96, 112, generator=g)
+    mask[0, :96, :112] = 1
+    pixels[1, :, :64, :128] = torch.randn(3, 64, 128, generator=g)
+    mask[1, :64, :128] = 1
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels, pixel_mask=mask)
+        got = ours.compute_outputs(ImageList(pixels, [(96, 112), (64, 128)]), mask == 0)
+    assert torch.allclose(got["pred_logits"], expected.logits, atol=1e-4), \
+        (got["pred_logits"] - expected.logits).abs().max()
+    assert torch.allclose(got["pred_boxes"], expected.pred_boxes, atol=1e-4), \
+        (got["pred_boxes"] - expected.pred_boxes).abs().max()
