@@ -4,7 +4,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.structures import ImageList
 
-from detr_variants.checkpoint import convert_checkpoint
+from detr_variants.checkpoint import COCO_THING_IDS, convert_checkpoint
 from detr_variants.engine.train_loop import apply_overrides
 from detr_variants.model_zoo import get_config
 from helpers import image_input
@@ -124,3 +124,52 @@ def test_same_outputs_as_hf_transformers(with_box_refine, two_stage, tmp_path):
         (got["pred_logits"] - expected.logits).abs().max()
     assert torch.allclose(got["pred_boxes"], expected.pred_boxes, atol=1e-4), \
         (got["pred_boxes"] - expected.pred_boxes).abs().max()
+
+
+def _official_names(state_dict):
+    """Our names → the official repository's (the inverse of the converter's rules)."""
+    import re
+
+    import torchvision
+
+    from detr_variants.checkpoint.convert import torchvision_resnet_name
+
+    tv = {torchvision_resnet_name(k): k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
+    rules = [(r"^encoder\.layers\.(\d+)\.norm\.", r"transformer.encoder.layers.\1.norm1."),
+             (r"^encoder\.layers\.(\d+)\.ffn\.linear", r"transformer.encoder.layers.\1.linear"),
+             (r"^encoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.encoder.layers.\1.norm2."),
+             (r"^decoder\.layers\.(\d+)\.norm1\.", r"transformer.decoder.layers.\1.norm2."),
+             (r"^decoder\.layers\.(\d+)\.norm2\.", r"transformer.decoder.layers.\1.norm1."),
+             (r"^decoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.decoder.layers.\1.norm3."),
+             (r"^decoder\.layers\.(\d+)\.ffn\.linear", r"transformer.decoder.layers.\1.linear"),
+             (r"^(encoder|decoder)\.", r"transformer.\1."),
+             (r"^(level_embed|reference_points|enc_output|pos_trans)", r"transformer.\1")]
+    out = {}
+    for name, value in state_dict.items():
+        if name.startswith("backbone."):
+            out["backbone.0.body." + tv[name[len("backbone."):]]] = value
+            continue
+        if name.startswith("class_embed."):
+            full = torch.randn(91, *value.shape[1:])
+            full[torch.as_tensor(COCO_THING_IDS)] = value
+            out[name] = full
+            out["transformer.decoder." + name] = full
+            continue
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, name)
+            if n:
+                name = new
+                break
+        out[name] = value
+    return out
+
+
+def test_official_converter_round_trip():
+    cfg = get_config("deformable_detr/deformable_detr_two_stage_r50_50ep")
+    cfg = apply_overrides(cfg, ["model.encoder.num_layers=1", "model.decoder.num_layers=2"])
+    model = instantiate(cfg.model)
+    reference = {k: torch.randn_like(v) if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
+    converted = convert_checkpoint({"model": _official_names(reference)}, "official", "deformable_detr")
+    assert set(converted) == set(reference)
+    for name, value in reference.items():
+        assert torch.equal(converted[name], value), name

@@ -44,7 +44,7 @@ def test_registered_and_official_head_sizes(model):
 
     assert META_ARCH_REGISTRY.get("DETR") is DETR
     assert model.class_embed.out_features == model.num_classes + 1  # + no-object
-    assert model.query_embed.num_embeddings == 100
+    assert model.query_embed.num_embeddings == 50  # the synthetic config's
 
 
 def test_train_step_gives_finite_losses_and_gradients(model):
@@ -68,7 +68,7 @@ def test_eval_returns_instances_in_original_coordinates(model):
     with torch.no_grad():
         out = model([x])[0]["instances"]
     assert out.image_size == (192, 256)
-    assert len(out) == 100
+    assert len(out) == model.query_embed.num_embeddings  # one detection per query
     assert out.pred_boxes.tensor[:, 2].max() <= 256 and out.pred_boxes.tensor[:, 3].max() <= 192
     assert (out.pred_classes < model.num_classes).all()  # the no-object class is never predicted
     assert ((out.scores >= 0) & (out.scores <= 1)).all()

@@ -4,19 +4,22 @@ Tolerances (stated per test): float64 forward <= 1e-10 absolute, float32 forward
 (max |native - reference| / max |reference|), gradients checked with torch.autograd.gradcheck in
 float64 (eps 1e-6, atol 1e-5, rtol 1e-3) or against the reference's autograd gradients.
 """
+import importlib
 import logging
 import math
 
 import pytest
 import torch
 
-import detr_variants.layers.ms_deform_attn as msda
 from detr_variants.layers.ms_deform_attn import (
     MultiScaleDeformableAttention,
     ms_deform_attn,
     ms_deform_attn_pytorch,
     native_available,
 )
+
+# the module itself (detr_variants.layers re-exports a function of the same name)
+msda = importlib.import_module("detr_variants.layers.ms_deform_attn")
 
 F64_ABS = 1e-10
 F32_REL = 1e-5

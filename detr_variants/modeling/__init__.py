@@ -1,7 +1,7 @@
 from .backbone import feature_masks, make_resnet
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .matcher import HungarianMatcher
-from .meta_arch import DETR, DeformableDETR, SetPredictionDetector
+from .meta_arch import DETR, ConditionalDETR, DeformableDETR, SetPredictionDetector
 
 __all__ = ["feature_masks", "make_resnet", "SetCriterion", "sigmoid_focal_loss", "HungarianMatcher",
-           "DETR", "DeformableDETR", "SetPredictionDetector"]
+           "DETR", "ConditionalDETR", "DeformableDETR", "SetPredictionDetector"]

@@ -1,5 +1,6 @@
 from .base import SetPredictionDetector, set_prediction_outputs
+from .conditional_detr import ConditionalDETR
 from .deformable_detr import DeformableDETR
 from .detr import DETR
 
-__all__ = ["SetPredictionDetector", "set_prediction_outputs", "DETR", "DeformableDETR"]
+__all__ = ["SetPredictionDetector", "set_prediction_outputs", "DETR", "DeformableDETR", "ConditionalDETR"]

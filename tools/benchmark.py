@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Speed, memory and GFLOPs of the papers' R50 models, ours next to HF ``transformers``'s
+implementation with the same weights, measured side by side in one run.
+
+    python tools/benchmark.py                              # every model, table + output/benchmark.json
+    python tools/benchmark.py --models deformable_detr_r50 --repeat 3 --threads 2
+
+For each model: GFLOPs (fvcore, one multiply-add = one flop, as the papers count) at 800x1216
+beside the paper's number; inference latency (batch 1, 800x1216, median of --repeat runs after a
+warm-up); a training step (forward + backward, batch 2, 512x512, 5 boxes per image); and the
+peak resident-memory increase of each (sampled every 5 ms). The HF model is random-initialised
+with the architecture of the COCO checkpoint, converted with ``convert_checkpoint`` and loaded
+into ours, so both compute the same function. Nothing here is asserted: it writes numbers.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+from detectron2.config import instantiate
+from detectron2.structures import Boxes, ImageList, Instances
+
+import detr_variants  # noqa: F401
+from detr_variants.checkpoint import Checkpointer, convert_checkpoint
+from detr_variants.model_zoo import get_config
+
+
+# ------------------------------------------------------------------ HF peers
+def _hf_resnet50(out_features):
+    from transformers import ResNetConfig
+
+    return ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
+                        out_features=out_features)
+
+
+def hf_deformable_detr(**kwargs):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    cfg = DeformableDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
+                               backbone_config=_hf_resnet50(["stage2", "stage3", "stage4"]), **kwargs)
+    return DeformableDetrForObjectDetection(cfg)
+
+
+def hf_conditional_detr(**kwargs):
+    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
+
+    cfg = ConditionalDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
+                                backbone_config=_hf_resnet50(["stage4"]), **kwargs)
+    return ConditionalDetrForObjectDetection(cfg)
+
+
+# name: (config, HF builder or None, converter arch, paper GFLOPs)
+MODELS: Dict[str, tuple] = {
+    "deformable_detr_r50": ("deformable_detr/deformable_detr_r50_50ep", hf_deformable_detr, "deformable_detr", 173),
+    "deformable_detr_single_scale_r50": ("deformable_detr/deformable_detr_single_scale_r50_50ep", None, None, 78),
+    "deformable_detr_two_stage_r50": ("deformable_detr/deformable_detr_two_stage_r50_50ep",
+                                      lambda: hf_deformable_detr(with_box_refine=True, two_stage=True),
+                                      "deformable_detr", 173),
+    "conditional_detr_r50": ("conditional_detr/conditional_detr_r50_50ep", hf_conditional_detr,
+                             "conditional_detr", 90),
+    "detr_r50": ("detr/detr_r50_500ep", None, None, 86),
+}
+
+
+# ------------------------------------------------------------------ measurement helpers
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn: Callable[[], None], repeat: int) -> Dict[str, float]:
+    """Median seconds of ``fn`` over ``repeat`` runs after one warm-up, and the peak RSS increase
+    over the warm-up run (MB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    baseline, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    fn()
+    done.set()
+    sampler.join()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "peak_rss_increase_mb": (peak[0] - baseline) / 2**20}
+
+
+def gflops(model, image: torch.Tensor) -> Optional[float]:
+    from fvcore.nn import FlopCountAnalysis
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
+            out = self.model.compute_outputs(ImageList(x, [tuple(x.shape[-2:])] * x.shape[0]), mask)
+            return out["pred_logits"], out["pred_boxes"]
+
+    analysis = FlopCountAnalysis(Wrapper().eval(), (image,))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis.total() / 1e9
+
+
+def random_targets(n_images: int, h: int, w: int, num_classes: int, g: torch.Generator):
+    batched = []
+    for _ in range(n_images):
+        xy = torch.rand(5, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = torch.rand(5, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, num_classes, (5,), generator=g)
+        batched.append({"image": torch.rand(3, h, w, generator=g) * 255, "instances": inst})
+    return batched
+
+
+def hf_labels(batched, num_classes):
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    ids = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+    labels = []
+    for x in batched:
+        h, w = x["instances"].image_size
+        b = x["instances"].gt_boxes.tensor / torch.tensor([w, h, w, h])
+        cxcywh = torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
+        labels.append({"class_labels": torch.tensor([ids[c] for c in x["instances"].gt_classes]), "boxes": cxcywh})
+    return labels
+
+
+def normalized(model, batched):
+    images, mask = model.preprocess_image(batched)
+    return images.tensor, (~mask).long()
+
+
+# ------------------------------------------------------------------ one model
+def benchmark(name: str, repeat: int) -> Dict:
+    config, hf_builder, arch, paper_gflops = MODELS[name]
+    torch.manual_seed(0)
+    ours = instantiate(get_config(config).model).eval()
+    hf = None
+    if hf_builder is not None:
+        hf = hf_builder().eval()
+        Checkpointer(ours, strict=True)._load_model({"model": convert_checkpoint(hf.state_dict(), "hf", arch)})
+    g = torch.Generator().manual_seed(0)
+    row = {"model": name, "config": config, "paper_gflops": paper_gflops}
+    image = torch.rand(1, 3, 800, 1216, generator=g)
+    row["gflops"] = gflops(ours, image)
+
+    infer = [{"image": image[0] * 255}]
+    with torch.no_grad():
+        row["ours_inference"] = measure(lambda: ours(infer), repeat)
+        if hf is not None:
+            pixels, pixel_mask = normalized(ours, infer)
+            row["hf_inference"] = measure(lambda: hf(pixel_values=pixels, pixel_mask=pixel_mask), repeat)
+
+    batched = random_targets(2, 512, 512, ours.num_classes, g)
+    ours.train()
+
+    def our_step():
+        sum(ours(batched).values()).backward()
+        ours.zero_grad(set_to_none=True)
+
+    row["ours_train_step"] = measure(our_step, repeat)
+    if hf is not None:
+        hf.train()
+        pixels, pixel_mask = normalized(ours, batched)
+        labels = hf_labels(batched, ours.num_classes)
+
+        def hf_step():
+            hf(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss.backward()
+            hf.zero_grad(set_to_none=True)
+
+        row["hf_train_step"] = measure(hf_step, repeat)
+        row["speedup_inference"] = row["hf_inference"]["seconds"] / row["ours_inference"]["seconds"]
+        row["speedup_train_step"] = row["hf_train_step"]["seconds"] / row["ours_train_step"]["seconds"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--output", default="output/benchmark.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        rows.append(benchmark(name, args.repeat))
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"device": "cpu", "threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+    def cell(row, key):
+        return f"{row[key]['seconds']:.2f} s / {row[key]['peak_rss_increase_mb']:.0f} MB" if key in row else "-"
+
+    print(f"\n| model | GFLOPs (paper) | inference ours | inference HF | train step ours | train step HF |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['gflops']:.0f} ({r['paper_gflops']}) | {cell(r, 'ours_inference')} | "
+              f"{cell(r, 'hf_inference')} | {cell(r, 'ours_train_step')} | {cell(r, 'hf_train_step')} |")
+
+
+if __name__ == "__main__":
+    main()
