@@ -31,6 +31,9 @@ def native_extensions():
         cxx.append("-march=native")
     openmp = ["-fopenmp"]
     if want_cuda and cuda_sources:
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # torch derives the arch list from the visible GPUs and fails when there is none.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         nvcc = ["-O3", "--use_fast_math", "-std=c++20", "-DCUDA_HAS_FP16=1",
                 "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                 "-D__CUDA_NO_HALF2_OPERATORS__"]
