@@ -65,6 +65,8 @@ MODELS: Dict[str, tuple] = {
     "conditional_detr_r50": ("conditional_detr/conditional_detr_r50_50ep", hf_conditional_detr,
                              "conditional_detr", 90),
     "detr_r50": ("detr/detr_r50_500ep", None, None, 86),
+    "smca_r50": ("smca_detr/smca_r50_50ep", None, None, 86),
+    "smca_ms_r50": ("smca_detr/smca_ms_r50_50ep", None, None, 152),
 }
 
 

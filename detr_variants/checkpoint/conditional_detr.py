@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .convert import (StateDict, coco_class_rows, drop_batchnorm_counters, register_converter,
                       torchvision_resnet_name)
-from .hf_resnet import hf_resnet_name
+from .hf_resnet import HF_BACKBONE_PREFIXES, hf_backbone_name
 
 _FFN = {"linear1": "ffn.linear1", "linear2": "ffn.linear2"}
 _OFFICIAL_ENCODER = {"norm1": "norm", "norm2": "ffn.norm", **_FFN}
@@ -98,7 +98,6 @@ for _hf, _ours in [("q_content_proj", "qcontent_proj"), ("q_pos_proj", "qpos_pro
 for _hf_module, _ours in (("self_attn", "self_attn"), ("encoder_attn", "cross_attn")):
     for _proj in ("o_proj", "out_proj"):
         _HF_DECODER[f"{_hf_module}.{_proj}"] = f"{_ours}.out_proj"
-_HF_BACKBONE = ("model.backbone.model.", "model.backbone.conv_encoder.model.")  # current, legacy
 _HF_TOP = {"model.query_position_embeddings.": "query_embed.", "model.input_projection.": "input_proj.",
            "model.decoder.layernorm.": "decoder.norm.", "model.decoder.query_scale.": "decoder.query_scale.",
            "model.decoder.ref_point_head.": "decoder.ref_point_head.", "bbox_predictor.": "bbox_embed.",
@@ -107,11 +106,8 @@ _HF_TOP = {"model.query_position_embeddings.": "query_embed.", "model.input_proj
 
 def _hf_target(key: str) -> Optional[str]:
     """Our name of an HF parameter other than the encoder's q/k/v projections (None: unknown)."""
-    backbone = next((p for p in _HF_BACKBONE if key.startswith(p)), None)
-    if backbone:
-        rest = key[len(backbone):]
-        name = hf_resnet_name(rest) or torchvision_resnet_name(rest)
-        return None if name is None else "backbone." + name
+    if key.startswith(HF_BACKBONE_PREFIXES):
+        return hf_backbone_name(key)
     layer = re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(\w+)", key)
     if layer:
         part, index, module, leaf = layer.groups()

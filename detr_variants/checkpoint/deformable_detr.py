@@ -6,7 +6,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .convert import StateDict, coco_class_rows, register_converter, torchvision_resnet_name
-from .hf_resnet import hf_resnet_name
+from .hf_resnet import hf_backbone_name
 
 # (pattern, replacement) applied to names inside encoder / decoder layers, official → ours.
 _OFFICIAL_LAYER_RULES: List[Tuple[str, str]] = [
@@ -83,7 +83,8 @@ def convert_official(state_dict: StateDict) -> StateDict:
 
 @register_converter("hf", "deformable_detr")
 def convert_hf(state_dict: StateDict) -> StateDict:
-    """HF ``DeformableDetrForObjectDetection`` (HF ResNet backbone, i.e. ``use_timm_backbone=False``).
+    """HF ``DeformableDetrForObjectDetection``, with an HF ResNet (``use_timm_backbone=False``) or
+    the timm ResNet of the hub checkpoints, current or legacy (``fc1``, ``out_proj``) layer names.
     The decoder self-attention's separate q/k/v projections are packed into
     ``nn.MultiheadAttention``'s ``in_proj``; ``model.decoder.class_embed`` duplicates
     ``class_embed`` and is dropped."""
@@ -95,8 +96,7 @@ def convert_hf(state_dict: StateDict) -> StateDict:
             qkv.setdefault(f"decoder.layers.{m.group(1)}.self_attn.in_proj_{m.group(3)}", {})[m.group(2)] = value
             continue
         if name.startswith("model.backbone."):
-            new = hf_resnet_name(name)
-            new = None if new is None else "backbone." + new
+            new = hf_backbone_name(name)
         elif name.startswith("model.decoder.class_embed."):
             continue
         elif name.startswith("bbox_embed."):

@@ -32,3 +32,20 @@ def hf_resnet_name(name: str) -> Optional[str]:
     stage, block, conv, shortcut, kind, leaf = m.groups()
     module = "shortcut" if shortcut else f"conv{int(conv) + 1}"
     return f"res{int(stage) + 2}.{block}.{module}." + ("norm." if kind == "normalization" else "") + leaf
+
+
+HF_BACKBONE_PREFIXES = ("model.backbone.model.", "model.backbone.conv_encoder.model.")  # current, legacy
+
+
+def hf_backbone_name(key: str) -> Optional[str]:
+    """Our ``backbone.*`` name of an HF DETR-family backbone parameter, from either an HF ResNet
+    (``use_timm_backbone=False``) or the timm ResNet of the hub checkpoints (torchvision names);
+    None if ``key`` is not a backbone parameter."""
+    from .convert import torchvision_resnet_name
+
+    prefix = next((p for p in HF_BACKBONE_PREFIXES if key.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = key[len(prefix):]
+    name = hf_resnet_name(rest) or torchvision_resnet_name(rest)
+    return None if name is None else "backbone." + name

@@ -86,3 +86,54 @@ class HungarianMatcher(nn.Module):
             rows, cols = linear_sum_assignment(cost[i, :, :n].numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
         return indices
+
+
+@torch.no_grad()
+def restricted_match(cost: Tensor, candidate_gt: Tensor) -> Tuple[Tensor, Tensor]:
+    """TSP's restricted bipartite matching (Sun et al. 2021, Sec. 5.3): prediction ``i`` may only
+    be matched to the ground truth ``candidate_gt[i]`` (``-1``: to none), and each ground truth
+    takes its candidate of lowest ``cost``.
+
+    The candidate sets are disjoint (FCOS positives are assigned to one GT, RoIs to their
+    highest-IoU GT), so this per-GT argmin is the minimum-cost maximum matching: no prediction
+    is given to two GTs. Ties go to the lower prediction index.
+
+    Args:
+        cost: (N,) the cost of each prediction against its candidate GT.
+        candidate_gt: (N,) long, the GT each prediction is a candidate of, or -1. GT indices must
+            be unique over the whole batch when N spans several images.
+
+    Returns:
+        (prediction indices, GT indices), sorted by GT index.
+    """
+    pred = torch.nonzero(candidate_gt >= 0).squeeze(1)
+    if pred.numel() == 0:
+        return pred, pred.clone()
+    gts, costs = candidate_gt[pred], cost[pred].float()
+    order = torch.argsort(costs, stable=True)
+    order = order[torch.argsort(gts[order], stable=True)]  # by GT, then by cost
+    gts = gts[order]
+    first = torch.ones_like(gts, dtype=torch.bool)
+    first[1:] = gts[1:] != gts[:-1]
+    return pred[order][first], gts[first]
+
+
+class RestrictedMatcher(nn.Module):
+    """TSP's matcher: cost ``w_class·C_class + w_GIoU·C_GIoU`` per prediction against the one GT
+    it is a candidate of, then :func:`restricted_match`.
+
+    TSP-FCOS uses ``C_class = -p_gt·centerness`` and ``C_GIoU = 1 - GIoU`` on FCOS-positive
+    FoIs; TSP-RCNN ``C_class = -softmax_gt`` and the GIoU loss of the decoded box on RoIs with
+    IoU >= 0.5 (``GIOU_WEIGHT 2`` in both released recipes).
+    """
+
+    def __init__(self, cost_class: float = 1.0, cost_giou: float = 2.0):
+        super().__init__()
+        self.cost_class = cost_class
+        self.cost_giou = cost_giou
+
+    @torch.no_grad()
+    def forward(self, class_cost: Tensor, giou_cost: Tensor, candidate_gt: Tensor) -> Tuple[Tensor, Tensor]:
+        """All (N,); returns (prediction indices, GT indices) as :func:`restricted_match`."""
+        cost = self.cost_class * class_cost.float() + self.cost_giou * giou_cost.float()
+        return restricted_match(cost, candidate_gt)

@@ -1,0 +1,151 @@
+"""SMCA (Gao et al., ICCV 2021): DETR with spatially modulated co-attention, single- and multi-scale."""
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import Tensor, nn
+
+from ...layers.deformable_transformer import flatten_levels
+from ...layers.smca_attention import SMCADecoder, SpatialModulation
+from .base import set_prediction_outputs
+from .detr import DETR
+
+
+@META_ARCH_REGISTRY.register()
+class SMCADETR(DETR):
+    """Single-scale SMCA: DETR's encoder, the spatially modulated decoder and a sigmoid head.
+
+    Differences from :class:`DETR`: the decoder (:class:`SMCADecoder`) modulates its
+    co-attention with each query's Gaussian-like prior; the box head adds the prior centre's logit
+    before the sigmoid, ``sigmoid(bbox_embed(f) + [logit(c), 0, 0])``, in every layer (paper
+    eq. 12); one sigmoid focal-loss output per class (prior 0.01); 300 queries. Inference keeps
+    the top ``test_topk`` of queries × classes.
+
+    The Gaussian's centre is ``c·(W, H)/stride`` feature cells, with (W, H) each image's
+    *unpadded* size (``images.image_sizes``), as in the released code.
+
+    Args:
+        decoder: an :class:`SMCADecoder` whose layers read one level.
+        **kwargs: :class:`DETR` arguments.
+    """
+
+    def __init__(self, *, num_queries: int = 300, **kwargs):
+        super().__init__(num_queries=num_queries, class_score="sigmoid", **kwargs)
+        if not isinstance(self.decoder, SMCADecoder):
+            raise TypeError(f"SMCA needs an SMCADecoder, got {type(self.decoder).__name__}")
+        self._reset_modulation()
+
+    def _reset_modulation(self) -> None:
+        """Scales back to 1 after DETR's xavier init (the released code does the same)."""
+        for m in self.decoder.modules():
+            if isinstance(m, SpatialModulation):
+                m.reset_parameters()
+
+    def _check_levels(self, num_levels: int) -> None:
+        built = self.decoder.layers[0].num_levels
+        if built != num_levels:
+            raise ValueError(f"the decoder layers are built for {built} feature levels; the model has {num_levels}")
+
+    @property
+    def strides(self) -> List[int]:
+        """Stride of each feature level the decoder reads."""
+        return [self.backbone.output_shape()[self.in_feature].stride]
+
+    def encode_levels(self, images, padding_mask) -> Tuple[Tensor, Tensor, Tensor, List[Tuple[int, int]]]:
+        """Encoder memory (B, S, C), its position encoding and padding mask, and each level's
+        padded (h, w)."""
+        memory, pos, mask = self.encode(images, padding_mask)
+        stride = self.strides[0]
+        # detectron2's ResNet (and DC5) gives ceil(size / stride) cells for a padded size
+        shape = tuple(math.ceil(s / stride) for s in images.tensor.shape[-2:])
+        if shape[0] * shape[1] != memory.shape[1]:
+            raise ValueError(f"{memory.shape[1]} feature cells do not form a {shape} map for stride {stride}")
+        return memory, pos, mask, [shape]
+
+    def compute_outputs(self, images, padding_mask):
+        memory, pos, mask, spatial_shapes = self.encode_levels(images, padding_mask)
+        self._check_levels(len(spatial_shapes))
+        sizes = torch.tensor([[float(w), float(h)] for h, w in images.image_sizes], device=memory.device)
+        strides = torch.tensor(self.strides, dtype=torch.float32, device=memory.device)
+        level_sizes = sizes[:, None, :] / strides[None, :, None]  # (B, L, 2): unpadded (w, h) in cells
+        query_pos = self.query_positions(memory.shape[0])
+        hs, center_logits = self.decoder(query_pos.new_zeros(query_pos.shape), memory, query_pos, pos, level_sizes,
+                                         spatial_shapes, memory_key_padding_mask=mask)
+        delta = self.bbox_embed(hs)
+        boxes = torch.cat([delta[..., :2] + center_logits.to(delta.dtype), delta[..., 2:]], dim=-1).sigmoid()
+        return set_prediction_outputs(self.class_embed(hs), boxes, self.aux_loss)
+
+
+@META_ARCH_REGISTRY.register()
+class MultiScaleSMCADETR(SMCADETR):
+    """Multi-scale SMCA as in the paper (Sec. 3.3): stride 16/32/64 features, no FPN, an encoder
+    of intra-scale and multi-scale self-attention blocks, and a decoder with per-scale spatial
+    modulation and scale-selection attention.
+
+    Levels: each of ``in_features`` (C4, C5) through a 1×1 conv to ``hidden_dim``; each further
+    level through a 3×3 stride-2 conv, the first on the raw last backbone feature (C5, as the
+    released multi-scale code and Deformable DETR), later ones on the previous level. Each level
+    has the sine position encoding of its own mask plus, with ``level_embed``, a learned level
+    embedding (which the multi-scale self-attention and the co-attention keys need to tell the
+    levels apart; the paper does not say, the released multi-scale code has one).
+
+    Args:
+        in_features: backbone outputs used as levels (``["res4", "res5"]``).
+        num_feature_levels: levels in all (3: strides 16, 32, 64).
+        encoder: a :class:`~detr_variants.layers.smca_attention.MultiScaleEncoder`.
+        decoder: an :class:`SMCADecoder` whose layers have ``num_levels=num_feature_levels``.
+        **kwargs: :class:`SMCADETR` / :class:`DETR` arguments.
+    """
+
+    def __init__(self, *, in_features: Sequence[str] = ("res4", "res5"), num_feature_levels: int = 3,
+                 level_embed: bool = True, hidden_dim: int = 256, **kwargs):
+        in_features = list(in_features)
+        if num_feature_levels < len(in_features):
+            raise ValueError("num_feature_levels must be at least len(in_features)")
+        super().__init__(in_feature=in_features[-1], hidden_dim=hidden_dim, **kwargs)
+        self.in_features = in_features
+        self.num_feature_levels = num_feature_levels
+        shapes = self.backbone.output_shape()
+        last = shapes[in_features[-1]]
+        extra = [nn.Conv2d(last.channels if i == 0 else hidden_dim, hidden_dim, 3, stride=2, padding=1)
+                 for i in range(num_feature_levels - len(in_features))]
+        self.input_proj = nn.ModuleList([nn.Conv2d(shapes[f].channels, hidden_dim, 1) for f in in_features] + extra)
+        self._strides = [shapes[f].stride for f in in_features]
+        self._strides += [last.stride * 2 ** (i + 1) for i in range(len(extra))]
+        if level_embed:
+            self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+            nn.init.normal_(self.level_embed)
+        else:
+            self.level_embed = None
+        self._check_levels(num_feature_levels)
+
+    @property
+    def strides(self) -> List[int]:
+        return list(self._strides)
+
+    def multi_level_features(self, images, padding_mask) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """Projected maps of every level, their padding masks and position encodings."""
+        features, masks = self.backbone_features(images, padding_mask)
+        srcs = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
+        level_masks = [masks[f] for f in self.in_features]
+        for proj in self.input_proj[len(self.in_features):]:
+            srcs.append(proj(features[self.in_features[-1]] if len(srcs) == len(self.in_features) else srcs[-1]))
+            level_masks.append(F.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0])
+        pos = []
+        for lvl, (m, s) in enumerate(zip(level_masks, srcs)):
+            p = self.position_embedding(m).to(s.dtype)
+            pos.append(p if self.level_embed is None else p + self.level_embed[lvl].view(1, -1, 1, 1))
+        return srcs, level_masks, pos
+
+    def encode_levels(self, images, padding_mask):
+        srcs, masks, pos = self.multi_level_features(images, padding_mask)
+        spatial_shapes = [tuple(s.shape[-2:]) for s in srcs]
+        pos, mask = flatten_levels(pos), flatten_levels(masks)
+        memory = self.encoder(flatten_levels(srcs), pos, mask, [h * w for h, w in spatial_shapes])
+        return memory, pos, mask, spatial_shapes
+
+    def encode(self, images, padding_mask) -> Tuple[Tensor, Tensor, Tensor]:
+        """Memory of all levels concatenated (B, S, C), its position encoding and padding mask."""
+        return self.encode_levels(images, padding_mask)[:3]
