@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import threading
@@ -67,6 +68,8 @@ MODELS: Dict[str, tuple] = {
     "detr_r50": ("detr/detr_r50_500ep", None, None, 86),
     "smca_r50": ("smca_detr/smca_r50_50ep", None, None, 86),
     "smca_ms_r50": ("smca_detr/smca_ms_r50_50ep", None, None, 152),
+    "tsp_fcos_r50": ("tsp/tsp_fcos_r50_36ep", None, None, 189),
+    "tsp_rcnn_r50": ("tsp/tsp_rcnn_r50_36ep", None, None, 188),
 }
 
 
@@ -117,7 +120,14 @@ def gflops(model, image: torch.Tensor) -> Optional[float]:
             out = self.model.compute_outputs(ImageList(x, [tuple(x.shape[-2:])] * x.shape[0]), mask)
             return out["pred_logits"], out["pred_boxes"]
 
+    def attention_flops(inputs, outputs):
+        # q (..., L, E) @ k (..., S, E)^T, then (..., L, S) @ v (..., S, Ev): one MAC = one flop
+        q, k, v = (i.type().sizes() for i in list(inputs)[:3])
+        batch = math.prod(q[:-2])
+        return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
     analysis = FlopCountAnalysis(Wrapper().eval(), (image,))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", attention_flops)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return analysis.total() / 1e9
 

@@ -1,7 +1,7 @@
 """Checkpoint loading (strict where a mismatch would give silently wrong results) and
 converters from official and HF-transformers checkpoints."""
 from .convert import COCO_THING_IDS, convert_checkpoint, register_converter
-from . import conditional_detr, deformable_detr, smca  # noqa: F401  (register their converters)
+from . import conditional_detr, deformable_detr, smca, tsp  # noqa: F401  (register their converters)
 from .loading import Checkpointer, CheckpointMismatchError
 
 __all__ = ["Checkpointer", "CheckpointMismatchError", "COCO_THING_IDS", "convert_checkpoint",

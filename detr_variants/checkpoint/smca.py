@@ -81,7 +81,8 @@ def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -
             out[target] = value
     for key, value in out.items():  # type4 (a cross term per head) has no equivalent here
         offsets = out.get(key.replace(".scales.", ".offsets."))
-        if key.endswith("modulation.scales.weight") and offsets is not None and 2 * value.shape[0] == 3 * offsets.shape[0]:
+        if (key.endswith("modulation.scales.weight") and offsets is not None
+                and 2 * value.shape[0] == 3 * offsets.shape[0]):
             raise ValueError(f"{key}: a --dynamic_scale type4 checkpoint (3 scales per head); only type1/2/3 "
                              "(fixed / single / independent scales) are implemented")
     if unknown:

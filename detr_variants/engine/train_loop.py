@@ -3,7 +3,7 @@ import difflib
 import inspect
 import logging
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import hooks
@@ -125,6 +125,17 @@ def evaluate(cfg) -> Dict:
 
 
 # ------------------------------------------------------------------ training
+def clip_parameters(model, name_filter: Optional[str]) -> Optional[List]:
+    """The trainable parameters whose name contains ``train.clip_grad.params`` (e.g.
+    ``"encoder."``: TSP clips its transformer only), or None (clip all) when it is unset."""
+    if not name_filter:
+        return None
+    params = [p for name, p in model.named_parameters() if p.requires_grad and name_filter in name]
+    if not params:
+        raise ValueError(f"train.clip_grad.params={name_filter!r} matches no trainable parameter")
+    return params
+
+
 def train(cfg, resume: bool = False) -> Dict:
     """Trains ``cfg.model`` with ``cfg.optimizer``, ``cfg.lr_multiplier`` and ``cfg.train``:
 
@@ -147,7 +158,8 @@ def train(cfg, resume: bool = False) -> Dict:
     trainer = SetPredictionTrainer(
         create_ddp_model(model, **cfg.train.ddp), loader, optimizer,
         amp_dtype=autocast_dtype(cfg.train.amp.enabled, cfg.train.amp.dtype, model.device.type),
-        clip_max_norm=clip.max_norm if clip.enabled else 0.0)
+        clip_max_norm=clip.max_norm if clip.enabled else 0.0,
+        clip_params=clip_parameters(model, clip.get("params")))
     checkpointables = {"trainer": trainer} | ({"ema": ema} if ema is not None else {})
     checkpointer = Checkpointer(model, cfg.train.output_dir, **checkpointables)
     eval_model = ema.module if ema is not None else model

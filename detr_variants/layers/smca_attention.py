@@ -85,7 +85,8 @@ class SpatialModulation(nn.Module):
         self.scale_type = scale_type
         self.multi_head = multi_head
         self.beta = beta
-        self.level_distance_factors = None if level_distance_factors is None else [float(f) for f in level_distance_factors]
+        self.level_distance_factors = (None if level_distance_factors is None
+                                       else [float(f) for f in level_distance_factors])
         self.groups = num_heads if multi_head else 1
         self.offsets = nn.Linear(d_model, num_levels * num_heads * 2) if multi_head else None
         per_group = SCALE_TYPES[scale_type]
@@ -331,7 +332,8 @@ def parse_encoder_layout(layout: Union[str, Sequence[str]]) -> List[str]:
     for part in parts:
         m = re.fullmatch(r"(\d*)\s*(intra|multi)", str(part).strip().lower())
         if not m:
-            raise ValueError(f"bad encoder block {part!r} in {layout!r}; use 'intra' or 'multi', e.g. '2intra-multi-2intra'")
+            raise ValueError(f"bad encoder block {part!r} in {layout!r}; use 'intra' or 'multi', "
+                             "e.g. '2intra-multi-2intra'")
         blocks += [m.group(2)] * int(m.group(1) or 1)
     if not blocks:
         raise ValueError("the encoder layout is empty")

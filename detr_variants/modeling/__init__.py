@@ -1,8 +1,9 @@
 from .backbone import feature_masks, make_resnet
 from .criterion import SetCriterion, sigmoid_focal_loss
-from .matcher import HungarianMatcher
-from .meta_arch import (DETR, ConditionalDETR, DeformableDETR, MultiScaleSMCADETR, SetPredictionDetector,
-                        SMCADETR)
+from .matcher import HungarianMatcher, RestrictedMatcher
+from .meta_arch import (DETR, TSPFCOS, TSPRCNN, ConditionalDETR, DeformableDETR, MultiScaleSMCADETR,
+                        SetPredictionDetector, SMCADETR)
 
 __all__ = ["feature_masks", "make_resnet", "SetCriterion", "sigmoid_focal_loss", "HungarianMatcher",
-           "DETR", "ConditionalDETR", "DeformableDETR", "SetPredictionDetector", "SMCADETR", "MultiScaleSMCADETR"]
+           "DETR", "ConditionalDETR", "DeformableDETR", "SetPredictionDetector", "SMCADETR", "MultiScaleSMCADETR",
+           "RestrictedMatcher", "TSPFCOS", "TSPRCNN"]

@@ -3,6 +3,8 @@ from .conditional_detr import ConditionalDETR
 from .deformable_detr import DeformableDETR
 from .detr import DETR
 from .smca_detr import MultiScaleSMCADETR, SMCADETR
+from .tsp_fcos import TSPFCOS
+from .tsp_rcnn import TSPRCNN, CascadeTransformerROIHeads, TransformerROIHeads
 
 __all__ = ["SetPredictionDetector", "set_prediction_outputs", "DETR", "DeformableDETR", "ConditionalDETR", "SMCADETR",
-           "MultiScaleSMCADETR"]
+           "MultiScaleSMCADETR", "TSPFCOS", "TSPRCNN", "TransformerROIHeads", "CascadeTransformerROIHeads"]

@@ -120,7 +120,7 @@ void check_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
 int64_t prefetch_distance() {
   static const int64_t distance = [] {
     const char* env = std::getenv("DETR_VARIANTS_MSDA_PREFETCH");
-    return env != nullptr && *env != '\0' ? std::max<int64_t>(0, std::atoll(env)) : int64_t(6);
+    return env != nullptr && *env != '\0' ? std::max<int64_t>(0, std::atoll(env)) : int64_t(4);
   }();
   return distance;
 }
