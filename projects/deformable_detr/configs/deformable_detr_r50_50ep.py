@@ -7,8 +7,9 @@ from detectron2.config import LazyCall as L
 from detr_variants.layers import PositionEmbeddingSine
 from detr_variants.layers.deformable_transformer import (DeformableDecoder, DeformableDecoderLayer,
                                                          DeformableEncoder, DeformableEncoderLayer)
-from detr_variants.modeling import DeformableDETR, HungarianMatcher, SetCriterion, make_resnet
+from detr_variants.modeling import DeformableDETR, make_resnet
 
+from ....configs.common.criterion import focal_criterion as _focal_criterion
 from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.optim import AdamW as optimizer
 from ....configs.common.schedule import step_schedule
@@ -34,14 +35,7 @@ model = L(DeformableDETR)(
     with_box_refine=False,
     two_stage=False,
     num_classes=80,
-    criterion=L(SetCriterion)(
-        num_classes="${..num_classes}",
-        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="focal"),
-        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
-        class_loss="focal",
-        focal_alpha=0.25,
-        focal_gamma=2.0,
-    ),
+    criterion=_focal_criterion,
     test_topk=100,
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],

@@ -1,21 +1,8 @@
-# Multi-scale SMCA on synthetic_shapes with exactly the backbone, images, batch, iterations,
-# schedule, decoder layers, FFN size and query count of projects/detr/configs/detr_r18_synthetic.py.
-# The encoder keeps the paper's shape (intra-scale blocks around one multi-scale block) with the
-# same number of encoder layers as DETR's synthetic config (3): "intra-multi-intra".
-from ....projects.detr.configs.detr_r18_synthetic import dataloader, lr_multiplier
-from ....projects.detr.configs.detr_r18_synthetic import model as _detr
-from ....projects.detr.configs.detr_r18_synthetic import optimizer as _detr_optimizer
-from ....projects.detr.configs.detr_r18_synthetic import train as _detr_train
+# Multi-scale SMCA on synthetic_shapes with the shared CPU-sized settings of every *_r18_synthetic
+# config (configs/common/synthetic.py). The encoder keeps the paper's shape (intra-scale blocks
+# around one multi-scale block) with as many layers as the other synthetic configs (3).
+from ....configs.common.synthetic import dataloader, lr_multiplier, make_cpu_sized
 from .smca_ms_r50_50ep import model, optimizer, train
 
-model.backbone.update(depth=_detr.backbone.depth, norm=_detr.backbone.norm, freeze_at=_detr.backbone.freeze_at)
+make_cpu_sized(model, train, output_dir="./output/smca_ms_r18_synthetic")
 model.encoder.layout = "intra-multi-intra"
-model.encoder.layer.dim_feedforward = _detr.encoder.layer.dim_feedforward
-model.decoder.num_layers = _detr.decoder.num_layers
-model.decoder.layer.dim_feedforward = _detr.decoder.layer.dim_feedforward
-model.num_queries = _detr.num_queries
-model.num_classes = _detr.num_classes
-
-optimizer.lr = _detr_optimizer.lr
-train.update(_detr_train)
-train.output_dir = "./output/smca_ms_r18_synthetic"

@@ -9,9 +9,10 @@ from torch import nn
 
 from detr_variants.layers import PositionEmbeddingSine, TransformerEncoder, TransformerEncoderLayer
 from detr_variants.layers.smca_attention import SMCADecoder, SMCADecoderLayer
-from detr_variants.modeling import HungarianMatcher, SetCriterion, make_resnet
+from detr_variants.modeling import make_resnet
 from detr_variants.modeling.meta_arch.smca_detr import SMCADETR
 
+from ....configs.common.criterion import focal_criterion as _focal_criterion
 from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.optim import AdamW as optimizer
 from ....configs.common.schedule import step_schedule
@@ -38,15 +39,7 @@ model = L(SMCADETR)(
     hidden_dim=256,
     num_classes=80,
     test_topk=100,
-    criterion=L(SetCriterion)(
-        num_classes="${..num_classes}",
-        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="focal",
-                                    focal_alpha=0.25, focal_gamma=2.0),
-        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
-        class_loss="focal",
-        focal_alpha=0.25,
-        focal_gamma=2.0,
-    ),
+    criterion=_focal_criterion,
     # torchvision's ImageNet statistics, RGB
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
