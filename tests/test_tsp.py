@@ -127,8 +127,8 @@ def test_random_drop_keeps_70_to_100_percent():
     roi_heads = small_model(SYNTHETIC[1]).train().roi_heads
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(400, 2, generator=g) * 80
-    proposals = Instances((128, 128), proposal_boxes=Boxes(torch.cat([xy, xy + 8 + 40 * torch.rand(400, 2, generator=g)], 1)),
-                          objectness_logits=torch.randn(400, generator=g))
+    boxes = torch.cat([xy, xy + 8 + 40 * torch.rand(400, 2, generator=g)], 1)
+    proposals = Instances((128, 128), proposal_boxes=Boxes(boxes), objectness_logits=torch.randn(400, generator=g))
     targets = Instances((128, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10, 60, 60]])), gt_classes=torch.tensor([3]))
     roi_heads.batch_size_per_image = 200
     with EventStorage():
@@ -321,6 +321,10 @@ def test_cascade_option_trains_and_predicts():
     model.eval()
     with torch.no_grad():
         assert len(model([image_input(96, 96, with_instances=False)])[0]["instances"]) > 0
+    # the released cascade's names (box_head.<stage>.*) convert too
+    reference = {k: torch.randn_like(v) if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
+    converted = convert_checkpoint(_official_rcnn_names(reference), "official", "tsp_rcnn")
+    assert set(converted) == set(reference) and all(torch.equal(converted[k], v) for k, v in reference.items())
 
 
 # ------------------------------------------------------------------ hybrid optimizer and clipping
@@ -453,10 +457,12 @@ def _official_fcos_names(state_dict):
     """Our TSP-FCOS names → the released ``MyFCOS`` names (the converter's inverse)."""
     rules = [(r"^backbone\.top_block\.(p[67])\.norm\.", r"backbone.top_block.\1.bn."),
              (r"^backbone\.top_block\.(p[67])\.(weight|bias)$", r"backbone.top_block.\1.conv.\2"),
-             (r"^foi_head\.cls_subnet\.", "fcos_head.cls_tower."), (r"^foi_head\.bbox_subnet\.", "fcos_head.bbox_tower."),
+             (r"^foi_head\.cls_subnet\.", "fcos_head.cls_tower."),
+             (r"^foi_head\.bbox_subnet\.", "fcos_head.bbox_tower."),
              (r"^foi_head\.cls_score\.", "fcos_head.cls_logits."), (r"^level_embed$", "pyramid_position_embedding"),
              (r"^input_proj\.", "enc_proj."), (r"^input_norm\.", "post_enc_proj_norm."),
-             (r"^class_embed\.", "cls_logits."), (r"^bbox_embed\.", "bbox_pred."), (r"^encoder\.", "transformer_encoder.")]
+             (r"^class_embed\.", "cls_logits."), (r"^bbox_embed\.", "bbox_pred."),
+             (r"^encoder\.", "transformer_encoder.")]
     return _rename(state_dict, rules) | {"pixel_mean": torch.zeros(3, 1, 1), "pixel_std": torch.ones(3, 1, 1)}
 
 
@@ -475,7 +481,8 @@ def _official_rcnn_names(state_dict):
 
 
 def _rename(state_dict, rules):
-    layer = [(r"\.ffn\.norm\.", ".norm2."), (r"\.ffn\.linear", ".linear"), (r"\.layers\.(\d+)\.norm\.", r".layers.\1.norm1.")]
+    layer = [(r"\.ffn\.norm\.", ".norm2."), (r"\.ffn\.linear", ".linear"),
+             (r"\.layers\.(\d+)\.norm\.", r".layers.\1.norm1.")]
     out = {}
     for name, value in state_dict.items():
         for pattern, repl in rules:

@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cpu_backward(
     const at::Tensor& grad_output);
 
 // Instruction set used by the CPU kernels: "avx512", "avx2" or "baseline". set_cpu_isa accepts
-// one of these or "auto" (best supported) and throws for one the CPU lacks.
+// one of these or "auto" (the default choice: AVX2 if supported) and throws for one the CPU lacks.
 std::string ms_deform_attn_cpu_isa();
 void ms_deform_attn_set_cpu_isa(const std::string& isa);
 

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from ...layers.position_encoding import PositionEmbeddingSine
 from ..backbone import feature_masks
 from ..criterion import sigmoid_focal_loss
-from ..matcher import RestrictedMatcher
 from .base import SetPredictionDetector
 
 
@@ -84,6 +83,16 @@ def unmask_empty_rows(key_padding_mask: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ TSP-FCOS
+def _flatten_levels(maps: List[Tensor]) -> Tensor:
+    """Per-level (B, C, H, W) maps → (B, ΣHW, C), level after level, row-major."""
+    return torch.cat([x.flatten(2).transpose(1, 2) for x in maps], dim=1)
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, R, C), index (B, k) → (B, k, C)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 class FoIClassifier(FCOSHead):
     """detectron2's ``FCOSHead`` towers (4x Conv3x3 + GN + ReLU each, normal(0.01) init) and its
     class logits (prior-probability bias) without the dense box and centerness outputs: TSP's
@@ -181,7 +190,8 @@ class TSPFCOSCriterion(nn.Module):
 
         cand_prob = logits[cand].detach().sigmoid().gather(1, cand_labels[:, None]).squeeze(1)
         matched, _ = self.matcher(-cand_prob * (ctr_targets + 1e-6), giou_loss.detach(), sel_gt[cand])
-        num_matched = mean_over_ranks(torch.tensor(float(matched.numel())), 1.0)
+        num_matched = mean_over_ranks(logits.new_tensor(float(matched.numel())), 1.0)
+        ctr_sum = mean_over_ranks(ctr_targets.sum(), 1e-6)  # on every rank, candidates or not
 
         cand_pos = torch.nonzero(cand.flatten()).squeeze(1)  # flat (B·k) positions of candidates
         flat_logits = logits.flatten(0, 1)
@@ -195,7 +205,7 @@ class TSPFCOSCriterion(nn.Module):
         cls = cls / (2 * (num_matched + self.eos_coef * num_cand))
 
         if cand_pos.numel():
-            loc = (giou_loss * ctr_targets).sum() / mean_over_ranks(ctr_targets.sum(), 1e-6)
+            loc = (giou_loss * ctr_targets).sum() / ctr_sum
             ctr = F.binary_cross_entropy_with_logits(ctr_logits[cand], ctr_targets, reduction="sum") / num_cand
         else:
             loc, ctr = ltrb.sum() * 0, ctr_logits.sum() * 0
@@ -294,10 +304,9 @@ class TSPFCOS(SetPredictionDetector):
         anchors = self.anchor_generator(features)
 
         b = images.tensor.shape[0]
-        flat = lambda xs: torch.cat([x.flatten(2).transpose(1, 2) for x in xs], dim=1)  # noqa: E731
-        local_logits = flat(logits)  # (B, R, K)
-        tokens = torch.cat([flat(cls_feats), flat(box_feats)], dim=-1)  # (B, R, 2C)
-        pos = flat([self.position_embedding(m).to(tokens.dtype) for m in masks])  # (B, R, d)
+        local_logits = _flatten_levels(logits)  # (B, R, K)
+        tokens = torch.cat([_flatten_levels(cls_feats), _flatten_levels(box_feats)], dim=-1)  # (B, R, 2C)
+        pos = _flatten_levels([self.position_embedding(m).to(tokens.dtype) for m in masks])  # (B, R, d)
         valid = ~torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, R)
         levels = torch.cat([torch.full((len(a),), i, dtype=torch.long, device=self.device)
                             for i, a in enumerate(anchors)])
@@ -308,15 +317,16 @@ class TSPFCOS(SetPredictionDetector):
             scores = local_logits.detach().sigmoid().max(-1).values
             positive = None
             if self.training:
+                if gt_instances is None:
+                    raise ValueError("TSPFCOS.compute_outputs needs gt_instances in training mode")
                 labels, gt_index, reg_targets = self.fcos_targets(anchors, gt_instances)
                 outputs.update(fcos_labels=labels, fcos_gt_index=gt_index, fcos_reg_targets=reg_targets)
                 positive = labels != self.num_classes
             selected = self.select_fois(scores, valid, positive)
-        gather = lambda x: x.gather(1, selected[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         sel_levels = levels[selected]
         sel_valid = valid.gather(1, selected)
-        src = self.input_norm(self.input_proj(gather(tokens)))
-        pos = gather(pos) + self.level_embed[sel_levels]
+        src = self.input_norm(self.input_proj(_gather_rows(tokens, selected)))
+        pos = _gather_rows(pos, selected) + self.level_embed[sel_levels]
         memory = self.encoder(src, pos=pos, key_padding_mask=unmask_empty_rows(~sel_valid))
         ltrb = F.relu(self.bbox_embed(memory)) * self.scales[sel_levels][..., None]
         boxes = self.box2box_transform.apply_deltas(ltrb.reshape(-1, 4).float(),
@@ -363,6 +373,7 @@ class TSPFCOS(SetPredictionDetector):
                 gt_index.append(torch.full((r,), -1, dtype=torch.long, device=self.device))
                 reg_targets.append(anchor_boxes.new_zeros(r, 4))
                 continue
+            # detectron2's rule, called on this module (it reads self.center_sampling_radius)
             quality = FCOS._match_anchors(self, inst.gt_boxes, anchors)  # (M, R)
             best, index = quality.max(dim=0)
             matched = best > 1e-5

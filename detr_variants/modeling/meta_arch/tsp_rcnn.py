@@ -38,10 +38,14 @@ class TSPRPNHead(nn.Module):
     def __init__(self, *, in_channels: int = 256, num_anchors: int = 9, box_dim: int = 4, num_convs: int = 2,
                  num_levels: int = 5, norm: str = "SyncBN"):
         super().__init__()
-        convs = lambda: nn.ModuleList(nn.Conv2d(in_channels, in_channels, 3, padding=1)  # noqa: E731
-                                      for _ in range(num_convs))
-        norms = lambda: nn.ModuleList(nn.ModuleList(get_norm(norm, in_channels) or nn.Identity()  # noqa: E731
-                                                    for _ in range(num_convs)) for _ in range(num_levels))
+
+        def convs():
+            return nn.ModuleList(nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(num_convs))
+
+        def norms():  # one set per pyramid level
+            return nn.ModuleList(nn.ModuleList(get_norm(norm, in_channels) or nn.Identity() for _ in range(num_convs))
+                                 for _ in range(num_levels))
+
         self.obj_convs, self.anchor_convs = convs(), convs()
         self.obj_norms, self.anchor_norms = norms(), norms()
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, 1)

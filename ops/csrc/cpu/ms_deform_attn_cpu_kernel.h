@@ -12,9 +12,12 @@
 //   attn         (N, Lq, M, L, P)
 //   out          (N, Lq, M, D)
 //
-// Forward: one work item per (n, q); for each head the D channels of the output are accumulated
-// in one fused gather + bilinear + weighted-sum pass (nothing is materialised), the inner loop runs
-// over the D contiguous channels of a tap.
+// Forward: one work item per (n, q). The taps of all heads are set up first (corner row pointers
+// and weights, samples outside the map dropped); then for each head the D output channels are
+// accumulated in one fused gather + bilinear + weighted-sum pass (nothing is materialised), the
+// inner loop running over the D contiguous channels of a corner row. The corner rows of the taps
+// a.prefetch steps ahead (across query boundaries) are prefetched: with scattered sampling
+// locations the gather is bound by cache-miss latency, not arithmetic.
 //
 // Backward: one work item per (n, m, query chunk). The item owns the slice grad_value[n, :, m, :]
 // of its chunk's buffer, so grad_value is accumulated without atomics and without races; with one
@@ -32,8 +35,10 @@ namespace detr_variants {
 namespace msda_cpu {
 namespace MSDA_ISA {
 
+// Prefetches the cache lines of one corner row (rw = 1: about to be written).
 template <typename scalar_t>
 static inline void prefetch_row(const scalar_t* p, int64_t bytes, int rw) {
+#if defined(__GNUC__) || defined(__clang__)
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) {
     if (rw) {
@@ -42,6 +47,11 @@ static inline void prefetch_row(const scalar_t* p, int64_t bytes, int rw) {
       __builtin_prefetch(c + o, 0, 3);
     }
   }
+#else
+  (void)p;
+  (void)bytes;
+  (void)rw;
+#endif
 }
 
 // A forward tap: four corner rows (pointing to `zeros` for corners outside the map) and their
