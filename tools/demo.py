@@ -24,7 +24,7 @@ from detr_variants.model_zoo import get_config
 DEFAULT_DEMO_CONFIG = "detr/detr_r18_synthetic"
 
 
-def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_threshold: float = 0.5) -> None:
+def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_threshold: float = 0.3) -> None:
     """Draws the predictions above ``score_threshold`` on the first validation images, in a grid."""
     cfg.train.init_checkpoint = weights
     predictor = DefaultPredictor(cfg)

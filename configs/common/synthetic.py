@@ -1,7 +1,7 @@
 # What every *_r18_synthetic experiment shares, so their COCO APs on synthetic_shapes compare
 # directly: the data (configs/common/data/synthetic.py), R18 trained from scratch (no pretrained
 # weights here, so BatchNorm instead of frozen statistics), transformers of 3 layers with FFN 1024,
-# 50 queries (at most 8 objects per image), batch 8, 800 iterations with a x0.1 drop at 80%.
+# 50 queries (at most 8 objects per image), batch 8, 700 iterations with a x0.1 drop at 80%.
 from .data.synthetic import dataloader  # noqa: F401
 from .schedule import step_schedule
 
@@ -21,7 +21,7 @@ def make_cpu_sized(model, train, output_dir: str):
     model.num_classes = 6
     train.update(
         epochs=None,
-        max_iter=800,
+        max_iter=700,
         init_checkpoint="",
         output_dir=output_dir,
         checkpointer=dict(period=400, max_to_keep=2),

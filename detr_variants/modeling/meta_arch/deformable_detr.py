@@ -12,7 +12,7 @@ from ...layers.deformable_transformer import (flatten_levels, level_layout, refi
 from ...layers.mlp import MLP
 from ...layers.position_encoding import sine_embed_coordinates
 from ...layers.ms_deform_attn import MultiScaleDeformableAttention
-from .base import SetPredictionDetector, set_prediction_outputs
+from .base import SetPredictionDetector, project_levels, set_prediction_outputs
 
 
 def _projection(in_channels: int, hidden_dim: int, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
@@ -106,12 +106,7 @@ class DeformableDETR(SetPredictionDetector):
     def multi_level_features(self, images, padding_mask):
         """Projected feature maps of every level with their masks and position encodings."""
         features, masks = self.backbone_features(images, padding_mask)
-        srcs = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
-        level_masks = [masks[f] for f in self.in_features]
-        for proj in self.input_proj[len(srcs):]:
-            srcs.append(proj(features[self.in_features[-1]] if len(srcs) == len(self.in_features) else srcs[-1]))
-            level_masks.append(nn.functional.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:])
-                               .to(torch.bool)[0])
+        srcs, level_masks = project_levels(features, masks, padding_mask, self.input_proj, self.in_features)
         pos = [self.position_embedding(m).to(s.dtype) + e.view(1, -1, 1, 1)
                for m, s, e in zip(level_masks, srcs, self.level_embed)]
         return srcs, level_masks, pos

@@ -3,13 +3,12 @@ import math
 from typing import List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
 from ...layers.deformable_transformer import flatten_levels
 from ...layers.smca_attention import SMCADecoder, SpatialModulation
-from .base import set_prediction_outputs
+from .base import project_levels, set_prediction_outputs
 from .detr import DETR
 
 
@@ -128,11 +127,7 @@ class MultiScaleSMCADETR(SMCADETR):
     def multi_level_features(self, images, padding_mask) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """Projected maps of every level, their padding masks and position encodings."""
         features, masks = self.backbone_features(images, padding_mask)
-        srcs = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
-        level_masks = [masks[f] for f in self.in_features]
-        for proj in self.input_proj[len(self.in_features):]:
-            srcs.append(proj(features[self.in_features[-1]] if len(srcs) == len(self.in_features) else srcs[-1]))
-            level_masks.append(F.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0])
+        srcs, level_masks = project_levels(features, masks, padding_mask, self.input_proj, self.in_features)
         pos = []
         for lvl, (m, s) in enumerate(zip(level_masks, srcs)):
             p = self.position_embedding(m).to(s.dtype)

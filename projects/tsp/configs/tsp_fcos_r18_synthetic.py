@@ -1,5 +1,5 @@
 # TSP-FCOS on the embedded synthetic_shapes dataset, sized for 2 CPU cores, with exactly the
-# backbone (R18 from scratch, BatchNorm), images, batch (8), iterations (800) and schedule of
+# backbone (R18 from scratch, BatchNorm), images, batch (8), iterations (700) and schedule of
 # projects/detr/configs/detr_r18_synthetic.py, and its encoder's size (d 256, 3 layers, FFN
 # 1024; pre-norm as TSP). The FPN is 128 channels wide (the FCOS towers would otherwise cost 3x
 # the backbone) and 300 FoIs are selected (700 would be a third of a 256-px image's locations).

@@ -1,5 +1,5 @@
 # TSP-RCNN on the embedded synthetic_shapes dataset, sized for 2 CPU cores, with exactly the
-# backbone (R18 from scratch, BatchNorm), images, batch (8), iterations (800) and schedule of
+# backbone (R18 from scratch, BatchNorm), images, batch (8), iterations (700) and schedule of
 # projects/detr/configs/detr_r18_synthetic.py, and its encoder's size (d 256, 3 layers, FFN
 # 1024; pre-norm as TSP). The FPN is 128 channels wide and 300 proposals / RoIs per image are
 # kept (see tsp_fcos_r18_synthetic.py). The optimiser is TSP's (SGD 0.02 / AdamW 1e-4, clipping
