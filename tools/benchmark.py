@@ -44,6 +44,7 @@ def hf_deformable_detr(**kwargs):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
     cfg = DeformableDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
+                               auxiliary_loss=True,  # as ours and the official recipe
                                backbone_config=_hf_resnet50(["stage2", "stage3", "stage4"]), **kwargs)
     return DeformableDetrForObjectDetection(cfg)
 
@@ -52,6 +53,7 @@ def hf_conditional_detr(**kwargs):
     from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
 
     cfg = ConditionalDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
+                                auxiliary_loss=True,  # as ours and the official recipe
                                 backbone_config=_hf_resnet50(["stage4"]), **kwargs)
     return ConditionalDetrForObjectDetection(cfg)
 
