@@ -10,9 +10,8 @@ import re
 from typing import Dict, Optional
 
 import torch
-from torch import Tensor
 
-from .convert import (StateDict, coco_class_rows, drop_batchnorm_counters, register_converter,
+from .convert import (StateDict, class_head_rows, drop_batchnorm_counters, register_converter,
                       torchvision_resnet_name)
 from .hf_resnet import HF_BACKBONE_PREFIXES, hf_backbone_name
 
@@ -21,20 +20,6 @@ _OFFICIAL_ENCODER = {"norm1": "norm", "norm2": "ffn.norm", **_FFN}
 _OFFICIAL_DECODER = {"norm3": "ffn.norm", **_FFN}
 _OFFICIAL_TOP = ("bbox_embed.", "query_embed.", "input_proj.")
 
-
-def _class_rows(weight: Tensor, num_classes: Optional[int]) -> Tensor:
-    """A class head (weight or bias) with one row per class id → ``num_classes`` rows.
-
-    91 rows (COCO ids 0..90) become the 80 contiguous COCO classes unless ``num_classes`` is 91;
-    a head that already has ``num_classes`` rows (or any other size, with ``num_classes=None``)
-    is kept as it is.
-    """
-    rows = weight.shape[0]
-    if num_classes is None or rows == num_classes:
-        return coco_class_rows(weight) if rows == 91 and num_classes is None else weight
-    if rows == 91 and num_classes == 80:
-        return coco_class_rows(weight)
-    raise ValueError(f"class head has {rows} rows; cannot make {num_classes} classes of it")
 
 
 def _rename(rest: str, table: Dict[str, str]) -> str:
@@ -70,7 +55,7 @@ def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -
         elif re.match(r"transformer\.decoder\.(norm|query_scale|ref_point_head)\.", key):
             target = key[len("transformer."):]
         elif key.startswith("class_embed."):
-            target, value = key, _class_rows(value, num_classes)
+            target, value = key, class_head_rows(value, num_classes)
         elif key.startswith(_OFFICIAL_TOP):
             target = key
         else:
@@ -142,7 +127,7 @@ def convert_hf(state_dict: StateDict, num_classes: Optional[int] = None) -> Stat
         if target is None:
             unknown.append(key)
             continue
-        out[target] = _class_rows(value, num_classes) if target.startswith("class_embed.") else value
+        out[target] = class_head_rows(value, num_classes) if target.startswith("class_embed.") else value
     for (index, leaf), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"encoder layer {index}: incomplete q/k/v projection {leaf}s ({sorted(parts)})")

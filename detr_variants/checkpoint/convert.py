@@ -52,6 +52,26 @@ def coco_class_rows(weight: Tensor, extra_rows: int = 0) -> Tensor:
     return weight[torch.as_tensor(index)]
 
 
+def class_head_rows(weight: Tensor, num_classes: Optional[int] = None) -> Tensor:
+    """A released class head (weight or bias) → ``num_classes`` rows.
+
+    91 or 92 rows indexed by raw COCO id become the 80 contiguous COCO classes (with
+    ``num_classes`` None or 80); a head with ``num_classes`` rows is kept; one with
+    ``num_classes + 1`` rows loses its last, never-positive (no-object) row; with
+    ``num_classes`` None any other size is kept.
+    """
+    rows = weight.shape[0]
+    if num_classes is None:
+        return coco_class_rows(weight) if rows in (91, 92) else weight
+    if rows == num_classes:
+        return weight
+    if rows in (91, 92) and num_classes == 80:
+        return coco_class_rows(weight)
+    if rows == num_classes + 1:
+        return weight[:-1]
+    raise ValueError(f"class head has {rows} rows; cannot make {num_classes} classes of it")
+
+
 _TV_STAGE = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
 
 

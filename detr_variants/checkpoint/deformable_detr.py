@@ -5,7 +5,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .convert import StateDict, coco_class_rows, register_converter, torchvision_resnet_name
+from .convert import StateDict, class_head_rows, register_converter, torchvision_resnet_name
 from .hf_resnet import hf_backbone_name
 
 # (pattern, replacement) applied to names inside encoder / decoder layers, official → ours.
@@ -50,10 +50,6 @@ def _rename(name: str, rules: List[Tuple[str, str]]):
     return None
 
 
-def _class_head(weight: torch.Tensor) -> torch.Tensor:
-    """91 raw-COCO-id rows → 80 contiguous rows; any other size (a custom dataset) unchanged."""
-    return coco_class_rows(weight) if weight.shape[0] == 91 else weight
-
 
 @register_converter("official", "deformable_detr")
 def convert_official(state_dict: StateDict) -> StateDict:
@@ -70,7 +66,7 @@ def convert_official(state_dict: StateDict) -> StateDict:
         elif name.startswith(("input_proj.", "query_embed.", "bbox_embed.")):
             new = name
         elif name.startswith("class_embed."):
-            new, value = name, _class_head(value)
+            new, value = name, class_head_rows(value)
         else:
             new = _rename(name, _OFFICIAL_LAYER_RULES)
         if new is None:
@@ -102,7 +98,7 @@ def convert_hf(state_dict: StateDict) -> StateDict:
         elif name.startswith("bbox_embed."):
             new = name
         elif name.startswith("class_embed."):
-            new, value = name, _class_head(value)
+            new, value = name, class_head_rows(value)
         else:
             new = _rename(name, _HF_LAYER_RULES)
         if new is None:

@@ -13,7 +13,8 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
-from .convert import StateDict, coco_class_rows, drop_batchnorm_counters, register_converter, torchvision_resnet_name
+from .convert import (StateDict, class_head_rows, drop_batchnorm_counters, register_converter,
+                      torchvision_resnet_name)
 
 _ENCODER = {"self_attn": "self_attn", "linear1": "ffn.linear1", "linear2": "ffn.linear2", "norm1": "norm",
             "norm2": "ffn.norm"}
@@ -22,24 +23,6 @@ _DECODER = {"self_attn": "self_attn", "multihead_attn": "cross_attn", "linear1":
             "point2": "modulation.offsets", "point3": "modulation.scales"}
 _TOP = ("input_proj.", "query_embed.", "bbox_embed.")
 
-
-def _class_rows(weight: Tensor, num_classes: Optional[int]) -> Tensor:
-    """The released ``num_classes + 1``-row head → ``num_classes`` rows.
-
-    92 (or 91) rows indexed by COCO id become the 80 contiguous COCO classes unless
-    ``num_classes`` says otherwise; a head with ``num_classes + 1`` rows loses its last
-    (never-positive) row; a head with ``num_classes`` rows is kept.
-    """
-    rows = weight.shape[0]
-    if num_classes is None:
-        return coco_class_rows(weight) if rows in (91, 92) else weight
-    if rows == num_classes:
-        return weight
-    if rows in (91, 92) and num_classes == 80:
-        return coco_class_rows(weight)
-    if rows == num_classes + 1:
-        return weight[:-1]
-    raise ValueError(f"class head has {rows} rows; cannot make {num_classes} classes of it")
 
 
 def _layer_target(part: str, index: str, rest: str) -> Optional[str]:
@@ -70,7 +53,7 @@ def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -
         elif key.startswith("transformer.decoder.norm."):
             target = key[len("transformer."):]
         elif key.startswith("class_embed."):
-            target, value = key, _class_rows(value, num_classes)
+            target, value = key, class_head_rows(value, num_classes)
         elif key.startswith(_TOP):
             target = key
         else:
