@@ -50,14 +50,7 @@ def tiny_cfg(tiny_shapes, tmp_path):
     from detr_variants.model_zoo import get_config
 
     cfg = get_config("detr/detr_r18_synthetic")
-    return apply_overrides(cfg, [
-        "model.encoder.num_layers=1", "model.decoder.num_layers=2",
-        "dataloader.train.dataset.names=tiny_shapes_train", "dataloader.test.dataset.names=tiny_shapes_val",
-        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.train.mapper.augmentations.min_sizes=[64]", "dataloader.train.mapper.augmentations.max_size=96",
-        "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
-        "dataloader.train.mapper.augmentations.crop_size=[48,64]",
-        "dataloader.test.mapper.augmentations.min_size=64", "dataloader.test.mapper.augmentations.max_size=96",
-        f"train.output_dir={tmp_path}", "train.max_iter=4", "train.log_period=1", "train.eval_period=-1",
-        "train.checkpointer.period=2", "train.seed=0",
-    ])
+    from helpers import tiny_run_overrides
+
+    return apply_overrides(cfg, ["model.encoder.num_layers=1", "model.decoder.num_layers=2",
+                                 *tiny_run_overrides(tmp_path)])

@@ -15,7 +15,7 @@ from detr_variants.layers.conditional_attention import (ConditionalDecoder, Cond
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling import HungarianMatcher, SetCriterion, make_resnet
 from detr_variants.modeling.meta_arch.conditional_detr import ConditionalDETR
-from helpers import image_input
+from helpers import image_input, tiny_run_overrides, train_and_evaluate_tiny
 
 SYNTHETIC = "conditional_detr/conditional_detr_r18_synthetic"
 COCO_CONFIGS = ["conditional_detr_r50_50ep", "conditional_detr_dc5_r50_50ep", "conditional_detr_r101_50ep",
@@ -137,22 +137,11 @@ def test_eval_returns_top100_instances_in_original_coordinates(model):
 
 def test_synthetic_config_trains_and_evaluates_through_the_engine(tiny_shapes, tmp_path):
     """Two CPU iterations of the synthetic recipe on the tiny dataset, then COCO evaluation."""
-    from detr_variants.engine.train_loop import apply_overrides, train
+    from detr_variants.engine.train_loop import apply_overrides
 
     cfg = apply_overrides(get_config(SYNTHETIC), [
-        "model.encoder.num_layers=1", "model.decoder.num_layers=2",
-        "dataloader.train.dataset.names=tiny_shapes_train", "dataloader.test.dataset.names=tiny_shapes_val",
-        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.train.mapper.augmentations.min_sizes=[64]", "dataloader.train.mapper.augmentations.max_size=96",
-        "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
-        "dataloader.train.mapper.augmentations.crop_size=[48,64]",
-        "dataloader.test.mapper.augmentations.min_size=64", "dataloader.test.mapper.augmentations.max_size=96",
-        f"train.output_dir={tmp_path}", "train.max_iter=2", "train.log_period=1", "train.eval_period=0",
-        "train.checkpointer.period=2", "train.seed=0",
-    ])
-    cfg.dataloader.evaluator.output_dir = str(tmp_path / "inference")
-    results = train(cfg)
-    assert 0.0 <= results["bbox"]["AP"] <= 100.0 or math.isnan(results["bbox"]["AP"])
+        "model.encoder.num_layers=1", "model.decoder.num_layers=2", *tiny_run_overrides(tmp_path)])
+    train_and_evaluate_tiny(cfg, tmp_path)
 
 
 # ------------------------------------------------------------------ conditional spatial query / attention

@@ -15,7 +15,7 @@ from detr_variants.layers.smca_attention import (GaussianModulatedAttention, Mul
                                                  SpatialModulation, gaussian_log_prior, parse_encoder_layout)
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.meta_arch.smca_detr import MultiScaleSMCADETR, SMCADETR
-from helpers import image_input
+from helpers import image_input, tiny_run_overrides, train_and_evaluate_tiny
 
 SINGLE, MULTI = "smca_detr/smca_r18_synthetic", "smca_detr/smca_ms_r18_synthetic"
 COCO_CONFIGS = ["smca_r50_50ep", "smca_r50_108ep", "smca_ms_r50_50ep", "smca_ms_r50_108ep", "smca_ms_r101_50ep"]
@@ -392,22 +392,9 @@ def test_synthetic_configs_match_detr_synthetic(name):
 
 def test_multi_scale_synthetic_trains_and_evaluates_through_the_engine(tiny_shapes, tmp_path):
     """Two CPU iterations through the engine on the tiny dataset, then COCO evaluation."""
-    from detr_variants.engine.train_loop import train
-
     cfg = apply_overrides(get_config(MULTI), [
-        "model.encoder.layout=intra-multi", "model.decoder.num_layers=2",
-        "dataloader.train.dataset.names=tiny_shapes_train", "dataloader.test.dataset.names=tiny_shapes_val",
-        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.train.mapper.augmentations.min_sizes=[64]", "dataloader.train.mapper.augmentations.max_size=96",
-        "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
-        "dataloader.train.mapper.augmentations.crop_size=[48,64]",
-        "dataloader.test.mapper.augmentations.min_size=64", "dataloader.test.mapper.augmentations.max_size=96",
-        f"train.output_dir={tmp_path}", "train.max_iter=2", "train.log_period=1", "train.eval_period=0",
-        "train.checkpointer.period=2", "train.seed=0",
-    ])
-    cfg.dataloader.evaluator.output_dir = str(tmp_path / "inference")
-    results = train(cfg)
-    assert 0.0 <= results["bbox"]["AP"] <= 100.0 or math.isnan(results["bbox"]["AP"])
+        "model.encoder.layout=intra-multi", "model.decoder.num_layers=2", *tiny_run_overrides(tmp_path)])
+    train_and_evaluate_tiny(cfg, tmp_path)
 
 
 # ------------------------------------------------------------------ official checkpoints
