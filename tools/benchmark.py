@@ -33,6 +33,11 @@ from detr_variants.model_zoo import get_config
 
 
 # ------------------------------------------------------------------ HF peers
+# the official models (and ours) drop out attention weights and FFN activations at 0.1; HF's
+# defaults are 0, so the peers are configured to train the same computation
+_OFFICIAL_DROPOUTS = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
+
+
 def _hf_resnet50(out_features):
     from transformers import ResNetConfig
 
@@ -45,7 +50,7 @@ def hf_deformable_detr(**kwargs):
 
     cfg = DeformableDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
                                auxiliary_loss=True,  # as ours and the official recipe
-                               backbone_config=_hf_resnet50(["stage2", "stage3", "stage4"]), **kwargs)
+                               **_OFFICIAL_DROPOUTS, backbone_config=_hf_resnet50(["stage2", "stage3", "stage4"]), **kwargs)
     return DeformableDetrForObjectDetection(cfg)
 
 
@@ -54,7 +59,7 @@ def hf_conditional_detr(**kwargs):
 
     cfg = ConditionalDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
                                 auxiliary_loss=True,  # as ours and the official recipe
-                                backbone_config=_hf_resnet50(["stage4"]), **kwargs)
+                                **_OFFICIAL_DROPOUTS, backbone_config=_hf_resnet50(["stage4"]), **kwargs)
     return ConditionalDetrForObjectDetection(cfg)
 
 

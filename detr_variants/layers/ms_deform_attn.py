@@ -273,24 +273,27 @@ class MultiScaleDeformableAttention(nn.Module):
 
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            # in place only at inference (under autograd the Linear's output is a view)
+            fill = value.masked_fill if value.requires_grad else value.masked_fill_
+            value = fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.embed_dim // M)
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
         weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
 
+        # locations = reference + offsets * scale, in one fused pass (addcmul)
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: normalise by (W_l, H_l)
-            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1).to(offsets)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            # offsets are in pixels of each level: scale by 1 / (W_l, H_l)
+            size = input_spatial_shapes.flip(-1).to(offsets)
+            origin, scale = reference_points[:, :, None, :, None, :], (1.0 / size)[:, None, :]
         elif reference_points.shape[-1] == 4:
-            locations = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
+            # offsets are in units of half the box size / P
+            origin = reference_points[:, :, None, :, None, :2]
+            scale = reference_points[:, :, None, :, None, 2:] * (0.5 / P)
         else:
             raise ValueError(
                 f"reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape {tuple(reference_points.shape)}"
             )
+        locations = torch.addcmul(origin, offsets, scale)
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
         return self.output_proj(out)
 
