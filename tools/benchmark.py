@@ -232,7 +232,7 @@ def main():
     def cell(row, key):
         return f"{row[key]['seconds']:.2f} s / {row[key]['peak_rss_increase_mb']:.0f} MB" if key in row else "-"
 
-    print(f"\n| model | GFLOPs (paper) | inference ours | inference HF | train step ours | train step HF |")
+    print("\n| model | GFLOPs (paper) | inference ours | inference HF | train step ours | train step HF |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['gflops']:.0f} ({r['paper_gflops']}) | {cell(r, 'ours_inference')} | "

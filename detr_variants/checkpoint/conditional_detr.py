@@ -7,31 +7,21 @@ Our decoder layers keep the official names (``sa_*_proj``, ``ca_*_proj``, ``self
 rows indexed by COCO category id; they become detectron2's 80 contiguous classes.
 """
 import re
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
-from .convert import (StateDict, class_head_rows, drop_batchnorm_counters, register_converter,
-                      torchvision_resnet_name)
+from .convert import (OFFICIAL_DECODER_FFN, OFFICIAL_ENCODER_LAYER, StateDict, class_head_rows,
+                      convert_official_detr_layout, drop_batchnorm_counters, layer_tables, raise_unknown,
+                      register_converter)
 from .hf_resnet import HF_BACKBONE_PREFIXES, hf_backbone_name
 
-_FFN = {"linear1": "ffn.linear1", "linear2": "ffn.linear2"}
-_OFFICIAL_ENCODER = {"norm1": "norm", "norm2": "ffn.norm", **_FFN}
-_OFFICIAL_DECODER = {"norm3": "ffn.norm", **_FFN}
-_OFFICIAL_TOP = ("bbox_embed.", "query_embed.", "input_proj.")
-
-
-
-def _rename(rest: str, table: Dict[str, str]) -> str:
-    """Renames the module path of ``rest`` (everything but the last name) through ``table``."""
-    module, _, leaf = rest.rpartition(".")
-    return f"{table.get(module, module)}.{leaf}"
-
-
-def _unknown(keys, source: str):
-    if keys:
-        raise KeyError(f"{len(keys)} {source} Conditional DETR keys not understood: {', '.join(sorted(keys)[:8])}"
-                       + (" ..." if len(keys) > 8 else ""))
+_OFFICIAL_DECODER = {name: name for name in ("self_attn", "cross_attn", "norm1", "norm2")}
+_OFFICIAL_DECODER.update({f"{attn}_{proj}_proj": f"{attn}_{proj}_proj" for attn in ("sa", "ca")
+                          for proj in ("qcontent", "qpos", "kcontent", "kpos", "v")})
+_OFFICIAL_DECODER.update(ca_qpos_sine_proj="ca_qpos_sine_proj", **OFFICIAL_DECODER_FFN)
+_OFFICIAL_LAYERS = layer_tables(OFFICIAL_ENCODER_LAYER, _OFFICIAL_DECODER)
+_OFFICIAL_KEEP = r"(transformer\.decoder\.(norm|query_scale|ref_point_head)|bbox_embed|query_embed|input_proj)\."
 
 
 @register_converter("official", "conditional_detr")
@@ -42,30 +32,8 @@ def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -
         num_classes: classes of the target model; ``None`` maps a 91-row COCO head to 80 classes
             and keeps any other head.
     """
-    out, unknown = {}, []
-    for key, value in drop_batchnorm_counters(state_dict).items():
-        layer = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
-        if key.startswith("backbone.0.body."):
-            name = torchvision_resnet_name(key[len("backbone.0.body."):])
-            target = None if name is None else "backbone." + name
-        elif layer:
-            part, index, rest = layer.groups()
-            table = _OFFICIAL_ENCODER if part == "encoder" else _OFFICIAL_DECODER
-            target = f"{part}.layers.{index}.{_rename(rest, table)}"
-        elif re.match(r"transformer\.decoder\.(norm|query_scale|ref_point_head)\.", key):
-            target = key[len("transformer."):]
-        elif key.startswith("class_embed."):
-            target, value = key, class_head_rows(value, num_classes)
-        elif key.startswith(_OFFICIAL_TOP):
-            target = key
-        else:
-            target = None
-        if target is None:
-            unknown.append(key)
-        else:
-            out[target] = value
-    _unknown(unknown, "official")
-    return out
+    return convert_official_detr_layout(state_dict, _OFFICIAL_LAYERS, _OFFICIAL_KEEP, "official Conditional DETR",
+                                        num_classes)
 
 
 # HF module names inside a layer, current (transformers 5) and legacy (<= 4.x hub checkpoints).
@@ -132,5 +100,5 @@ def convert_hf(state_dict: StateDict, num_classes: Optional[int] = None) -> Stat
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"encoder layer {index}: incomplete q/k/v projection {leaf}s ({sorted(parts)})")
         out[f"encoder.layers.{index}.self_attn.in_proj_{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    _unknown(unknown, "HF")
+    raise_unknown(unknown, "HF Conditional DETR")
     return out

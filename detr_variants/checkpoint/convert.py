@@ -7,7 +7,7 @@ needs live here: torchvision-ResNet names → detectron2 names, and COCO class h
 the 91 raw category ids → detectron2's 80 contiguous classes.
 """
 import re
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -104,3 +104,63 @@ def split_prefix(state_dict: StateDict, prefix: str) -> StateDict:
 def drop_batchnorm_counters(state_dict: StateDict) -> StateDict:
     """FrozenBatchNorm has no ``num_batches_tracked``."""
     return {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+
+
+# Module names inside the official DETR-family layers (DETR, Conditional DETR, SMCA and Deformable
+# DETR all keep DETR's) → ours: the FFN lives in ``ffn`` and the encoder's norm1 is ``norm``.
+OFFICIAL_FFN = {"linear1": "ffn.linear1", "linear2": "ffn.linear2"}
+OFFICIAL_ENCODER_LAYER = {"self_attn": "self_attn", "norm1": "norm", "norm2": "ffn.norm", **OFFICIAL_FFN}
+OFFICIAL_DECODER_FFN = {"norm3": "ffn.norm", **OFFICIAL_FFN}
+
+LayerTarget = Callable[[str, str, str], Optional[str]]
+
+
+def layer_tables(encoder: Dict[str, str], decoder: Dict[str, str]) -> LayerTarget:
+    """``(part, index, rest) -> our name`` renaming the first module of ``rest`` through the
+    encoder's or the decoder's table (None for a module neither table knows)."""
+    def target(part: str, index: str, rest: str) -> Optional[str]:
+        module, _, leaf = rest.partition(".")
+        table = encoder if part == "encoder" else decoder
+        return f"{part}.layers.{index}.{table[module]}.{leaf}" if module in table else None
+    return target
+
+
+def raise_unknown(keys: Sequence[str], what: str) -> None:
+    if keys:
+        raise KeyError(f"{len(keys)} {what} keys not understood: {', '.join(sorted(keys)[:8])}"
+                       + (" ..." if len(keys) > 8 else ""))
+
+
+def convert_official_detr_layout(state_dict: StateDict, layer_target: LayerTarget, keep: str, what: str,
+                                 num_classes: Optional[int] = None, skip: tuple = ()) -> StateDict:
+    """The checkpoint layout of DETR and the releases built on its code.
+
+    A torchvision ResNet under ``backbone.0.body.``, layers under
+    ``transformer.{encoder,decoder}.layers.<i>.`` (renamed by ``layer_target``), the class head
+    ``class_embed`` indexed by COCO id (see :func:`class_head_rows`), and other keys matching the
+    regex ``keep``, kept with any leading ``transformer.`` removed. Keys starting with one of
+    ``skip`` (duplicated modules) are dropped; any other key raises a ``KeyError``.
+    """
+    out: StateDict = {}
+    unknown = []
+    for key, value in drop_batchnorm_counters(state_dict).items():
+        layer = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
+        if key.startswith(skip):
+            continue
+        if key.startswith("backbone.0.body."):
+            name = torchvision_resnet_name(key[len("backbone.0.body."):])
+            target = None if name is None else "backbone." + name
+        elif layer:
+            target = layer_target(*layer.groups())
+        elif key.startswith("class_embed."):
+            target, value = key, class_head_rows(value, num_classes)
+        elif re.match(keep, key):
+            target = key[len("transformer."):] if key.startswith("transformer.") else key
+        else:
+            target = None
+        if target is None:
+            unknown.append(key)
+        else:
+            out[target] = value
+    raise_unknown(unknown, what)
+    return out

@@ -5,24 +5,16 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .convert import StateDict, class_head_rows, register_converter, torchvision_resnet_name
+from .convert import (OFFICIAL_DECODER_FFN, OFFICIAL_ENCODER_LAYER, StateDict, class_head_rows,
+                      convert_official_detr_layout, layer_tables, register_converter)
 from .hf_resnet import hf_backbone_name
 
-# (pattern, replacement) applied to names inside encoder / decoder layers, official → ours.
-_OFFICIAL_LAYER_RULES: List[Tuple[str, str]] = [
-    (r"^transformer\.encoder\.layers\.(\d+)\.norm1\.", r"encoder.layers.\1.norm."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.linear(\d)\.", r"encoder.layers.\1.ffn.linear\2."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"encoder.layers.\1.ffn.norm."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.self_attn."),
-    # official decoder: norm2 after self-attention, norm1 after cross-attention
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"decoder.layers.\1.norm1."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"decoder.layers.\1.norm2."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"decoder.layers.\1.ffn.norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.linear(\d)\.", r"decoder.layers.\1.ffn.linear\2."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.(self_attn|cross_attn)\.", r"decoder.layers.\1.\2."),
-    (r"^transformer\.decoder\.bbox_embed\.", "decoder.bbox_embed."),
-    (r"^transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b", r"\1"),
-]
+# official decoder layers: norm2 after self-attention, norm1 after cross-attention
+_OFFICIAL_LAYERS = layer_tables(
+    OFFICIAL_ENCODER_LAYER,
+    {"self_attn": "self_attn", "cross_attn": "cross_attn", "norm2": "norm1", "norm1": "norm2", **OFFICIAL_DECODER_FFN})
+_OFFICIAL_KEEP = (r"(input_proj|query_embed|bbox_embed|transformer\.decoder\.bbox_embed)\."
+                  r"|transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b")
 
 _HF_LAYER_RULES: List[Tuple[str, str]] = [
     (r"^model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm."),
@@ -50,31 +42,13 @@ def _rename(name: str, rules: List[Tuple[str, str]]):
     return None
 
 
-
 @register_converter("official", "deformable_detr")
 def convert_official(state_dict: StateDict) -> StateDict:
     """Official names: torchvision ResNet under ``backbone.0.body``, ``transformer.*``, heads at the
     top, 91-way class heads. ``transformer.decoder.class_embed`` duplicates ``class_embed`` and is
     dropped (our decoder holds only the box heads it refines with)."""
-    out: StateDict = {}
-    for name, value in state_dict.items():
-        if name.startswith("backbone.0.body."):
-            new = torchvision_resnet_name(name[len("backbone.0.body."):])
-            new = None if new is None else "backbone." + new
-        elif name.startswith("transformer.decoder.class_embed."):
-            continue
-        elif name.startswith(("input_proj.", "query_embed.", "bbox_embed.")):
-            new = name
-        elif name.startswith("class_embed."):
-            new, value = name, class_head_rows(value)
-        else:
-            new = _rename(name, _OFFICIAL_LAYER_RULES)
-        if new is None:
-            if name.endswith("num_batches_tracked"):
-                continue
-            raise KeyError(f"unexpected key in the official Deformable DETR checkpoint: {name}")
-        out[new] = value
-    return out
+    return convert_official_detr_layout(state_dict, _OFFICIAL_LAYERS, _OFFICIAL_KEEP, "official Deformable DETR",
+                                        skip=("transformer.decoder.class_embed.",))
 
 
 @register_converter("hf", "deformable_detr")
