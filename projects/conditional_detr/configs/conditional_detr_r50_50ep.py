@@ -3,11 +3,8 @@
 # matcher and loss class/L1/GIoU = 2/5/2 and auxiliary losses, AdamW 1e-4 (backbone 1e-5),
 # weight decay 1e-4, clip 0.1, 50 epochs with a drop at 40, batch 16 (2 per GPU x 8).
 from detectron2.config import LazyCall as L
-from torch import nn
 
-from detr_variants.layers import PositionEmbeddingSine, TransformerEncoder, TransformerEncoderLayer
 from detr_variants.layers.conditional_attention import ConditionalDecoder, ConditionalDecoderLayer
-from detr_variants.modeling import make_resnet
 from detr_variants.modeling.meta_arch.conditional_detr import ConditionalDETR
 
 from ....configs.common.criterion import focal_criterion as _focal_criterion
@@ -15,28 +12,25 @@ from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.optim import AdamW as optimizer
 from ....configs.common.schedule import step_schedule
 from ....configs.common.train import train
+from ...detr.configs.detr_r50_500ep import model as _detr  # backbone, encoder, position encoding
 
 model = L(ConditionalDETR)(
-    backbone=L(make_resnet)(depth=50, out_features=["res5"], norm="FrozenBN", freeze_at=2),
-    encoder=L(TransformerEncoder)(
-        layer=L(TransformerEncoderLayer)(d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1),
-        num_layers=6,
-    ),
+    backbone=_detr.backbone,
+    encoder=_detr.encoder,
     decoder=L(ConditionalDecoder)(
         layer=L(ConditionalDecoderLayer)(d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1),
         num_layers=6,
-        norm=L(nn.LayerNorm)(normalized_shape=256),
+        norm=_detr.decoder.norm,
     ),
-    position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128, normalize=True),
+    position_embedding=_detr.position_embedding,
     num_queries=300,
     hidden_dim=256,
     num_classes=80,
     test_topk=100,
     criterion=_focal_criterion,
-    # torchvision's ImageNet statistics, RGB
-    pixel_mean=[123.675, 116.280, 103.530],
-    pixel_std=[58.395, 57.120, 57.375],
-    input_format="RGB",
+    pixel_mean=_detr.pixel_mean,
+    pixel_std=_detr.pixel_std,
+    input_format=_detr.input_format,
 )
 
 optimizer.lr = 1e-4
