@@ -49,3 +49,51 @@ def train_and_evaluate_tiny(cfg, output_dir):
     assert os.path.isfile(os.path.join(str(output_dir), "model_final.pth"))
     assert os.path.isfile(os.path.join(str(output_dir), "inference", "coco_instances_results.json"))
     return results
+
+
+def set_prediction_train_step(model, batch):
+    """Runs one training step and checks the losses: class/L1/GIoU of the last decoder layer and
+    of every auxiliary layer (``_0`` ...), finite; backpropagates their sum. Returns the losses."""
+    model.train()
+    losses = model(batch)
+    n = len(model.decoder.layers)
+    names = ("loss_class", "loss_bbox", "loss_giou")
+    assert set(names) | {f"{name}_{i}" for name in names for i in range(n - 1)} == set(losses)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    model.zero_grad()
+    total.backward()
+    return losses
+
+
+def to_official_detr_names(state_dict, rules, class_rows=91, class_copies=("",)):
+    """Our names → a DETR-family release's (a converter's inverse), to test the converter with.
+
+    The ResNet goes under ``backbone.0.body.`` with torchvision names; other names go through
+    ``rules`` ((pattern, replacement), the first match wins); class heads are spread over
+    ``class_rows`` rows indexed by COCO id (random in the unused rows) and stored under each prefix
+    of ``class_copies`` (Deformable DETR also keeps one in ``transformer.decoder.``).
+    """
+    import re
+
+    import torchvision
+
+    from detr_variants.checkpoint import COCO_THING_IDS
+    from detr_variants.checkpoint.convert import torchvision_resnet_name
+
+    tv = {torchvision_resnet_name(k): k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
+    out = {}
+    for name, value in state_dict.items():
+        if name.startswith("backbone."):
+            out["backbone.0.body." + tv[name[len("backbone."):]]] = value
+        elif name.startswith("class_embed."):
+            full = torch.randn(class_rows, *value.shape[1:])
+            full[torch.as_tensor(COCO_THING_IDS)] = value
+            out.update({prefix + name: full for prefix in class_copies})
+        else:
+            for pattern, repl in rules:
+                name, n = re.subn(pattern, repl, name)
+                if n:
+                    break
+            out[name] = value
+    return out

@@ -4,10 +4,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.structures import ImageList
 
-from detr_variants.checkpoint import COCO_THING_IDS, convert_checkpoint
+from detr_variants.checkpoint import convert_checkpoint
 from detr_variants.engine.train_loop import apply_overrides
 from detr_variants.model_zoo import get_config
-from helpers import image_input
+from helpers import image_input, to_official_detr_names
 
 CONFIGS = ["deformable_detr_r50_50ep", "deformable_detr_single_scale_r50_50ep",
            "deformable_detr_single_scale_dc5_r50_50ep", "deformable_detr_refine_r50_50ep",
@@ -128,13 +128,6 @@ def test_same_outputs_as_hf_transformers(with_box_refine, two_stage, tmp_path):
 
 def _official_names(state_dict):
     """Our names → the official repository's (the inverse of the converter's rules)."""
-    import re
-
-    import torchvision
-
-    from detr_variants.checkpoint.convert import torchvision_resnet_name
-
-    tv = {torchvision_resnet_name(k): k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
     rules = [(r"^encoder\.layers\.(\d+)\.norm\.", r"transformer.encoder.layers.\1.norm1."),
              (r"^encoder\.layers\.(\d+)\.ffn\.linear", r"transformer.encoder.layers.\1.linear"),
              (r"^encoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.encoder.layers.\1.norm2."),
@@ -144,24 +137,7 @@ def _official_names(state_dict):
              (r"^decoder\.layers\.(\d+)\.ffn\.linear", r"transformer.decoder.layers.\1.linear"),
              (r"^(encoder|decoder)\.", r"transformer.\1."),
              (r"^(level_embed|reference_points|enc_output|pos_trans)", r"transformer.\1")]
-    out = {}
-    for name, value in state_dict.items():
-        if name.startswith("backbone."):
-            out["backbone.0.body." + tv[name[len("backbone."):]]] = value
-            continue
-        if name.startswith("class_embed."):
-            full = torch.randn(91, *value.shape[1:])
-            full[torch.as_tensor(COCO_THING_IDS)] = value
-            out[name] = full
-            out["transformer.decoder." + name] = full
-            continue
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, name)
-            if n:
-                name = new
-                break
-        out[name] = value
-    return out
+    return to_official_detr_names(state_dict, rules, class_copies=("", "transformer.decoder."))
 
 
 def test_official_converter_round_trip():

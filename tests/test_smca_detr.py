@@ -1,21 +1,21 @@
 """SMCA: the Gaussian prior, the modulated co-attention, scale selection, the multi-scale encoder,
 the box head, configs and the official converter."""
 import math
-import re
 
 import pytest
 import torch
 from detectron2.config import instantiate
 from torch import nn
 
-from detr_variants.checkpoint import COCO_THING_IDS, Checkpointer, convert_checkpoint
+from detr_variants.checkpoint import Checkpointer, convert_checkpoint
 from detr_variants.engine.train_loop import apply_overrides
 from detr_variants.layers import TransformerEncoderLayer
 from detr_variants.layers.smca_attention import (GaussianModulatedAttention, MultiScaleEncoder, SMCADecoderLayer,
                                                  SpatialModulation, gaussian_log_prior, parse_encoder_layout)
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.meta_arch.smca_detr import MultiScaleSMCADETR, SMCADETR
-from helpers import image_input, tiny_run_overrides, train_and_evaluate_tiny
+from helpers import (image_input, set_prediction_train_step, tiny_run_overrides, to_official_detr_names,
+                     train_and_evaluate_tiny)
 
 SINGLE, MULTI = "smca_detr/smca_r18_synthetic", "smca_detr/smca_ms_r18_synthetic"
 COCO_CONFIGS = ["smca_r50_50ep", "smca_r50_108ep", "smca_ms_r50_50ep", "smca_ms_r50_108ep", "smca_ms_r101_50ep"]
@@ -261,38 +261,7 @@ def test_centre_prior_from_layer0_in_unpadded_cells_and_box_head(which, single, 
     layer; each level's size is the *unpadded* image size / stride; boxes are
     sigmoid(bbox_embed(h) + [centre logit, 0, 0]) in every layer. Tolerance 1e-5."""
     model = single if which == "single" else multi
-    seen, out, images = _capture_modulation(model, padded_batch())
-    query_pos = model.query_positions(2)
-    with torch.no_grad():
-        logits = model.decoder.center_head(model.decoder.layers[0].prior_norm(query_pos))
-    assert torch.allclose(seen["center"][0], logits, atol=1e-5)
-    strides = torch.tensor(model.strides, dtype=torch.float32)
-    expected_sizes = torch.tensor([[128.0, 96.0], [100.0, 80.0]])[:, None, :] / strides[None, :, None]
-    assert images.tensor.shape[-2:] == (96, 128)  # the second image is padded
-    for x, centers, level_sizes, shapes in seen["modulation"]:
-        assert torch.allclose(centers, logits.sigmoid(), atol=1e-5)
-        assert torch.allclose(level_sizes, expected_sizes, atol=1e-6)
-        assert len(shapes) == len(model.strides)
-    hs = seen["hs"][0]
-    delta = seen["bbox"][0]
-    boxes = torch.cat([delta[..., :2] + logits, delta[..., 2:]], -1).sigmoid()
-    assert torch.allclose(out["pred_boxes"], boxes[-1], atol=1e-5)
-    assert all(torch.allclose(a["pred_boxes"], b, atol=1e-5) for a, b in zip(out["aux_outputs"], boxes[:-1]))
-    assert torch.allclose(out["pred_logits"], model.class_embed(hs[-1]), atol=1e-5)
-
-
-@pytest.mark.parametrize("which", ["single", "multi"])
-def test_synthetic_config_train_step_and_inference(which, single, multi):
-    model = single if which == "single" else multi
-    model.train()
-    losses = model(padded_batch())
-    n = len(model.decoder.layers)
-    names = ("loss_class", "loss_bbox", "loss_giou")
-    assert set(names) | {f"{name}_{i}" for name in names for i in range(n - 1)} == set(losses)
-    total = sum(losses.values())
-    assert torch.isfinite(total)
-    model.zero_grad()
-    total.backward()
+    set_prediction_train_step(model, padded_batch())
     layer = model.decoder.layers[1]
     params = [model.class_embed.weight, model.backbone.stem.conv1.weight, model.decoder.center_head.layers[0].weight,
               layer.modulation.offsets.weight, layer.modulation.scales.weight, layer.prior_norm.weight]
@@ -401,11 +370,6 @@ def test_multi_scale_synthetic_trains_and_evaluates_through_the_engine(tiny_shap
 def _official_names(state_dict):
     """Our names → the released SMCA repository's (the inverse of the converter), with the head
     spread over 92 rows indexed by COCO id."""
-    import torchvision
-
-    from detr_variants.checkpoint.convert import torchvision_resnet_name
-
-    tv = {torchvision_resnet_name(k): k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
     rules = [(r"^encoder\.layers\.(\d+)\.norm\.", r"transformer.encoder.layers.\1.norm1."),
              (r"^encoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.encoder.layers.\1.norm2."),
              (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear", r"transformer.\1.layers.\2.linear"),
@@ -416,22 +380,7 @@ def _official_names(state_dict):
              (r"^decoder\.layers\.(\d+)\.modulation\.scales\.", r"transformer.decoder.layers.\1.point3."),
              (r"^decoder\.center_head\.", "transformer.decoder.layers.0.point1."),
              (r"^(encoder|decoder)\.", r"transformer.\1.")]
-    out = {}
-    for name, value in state_dict.items():
-        if name.startswith("backbone."):
-            out["backbone.0.body." + tv[name[len("backbone."):]]] = value
-            continue
-        if name.startswith("class_embed."):
-            full = torch.randn(92, *value.shape[1:])
-            full[torch.as_tensor(COCO_THING_IDS)] = value
-            out[name] = full
-            continue
-        for pattern, repl in rules:
-            name, n = re.subn(pattern, repl, name)
-            if n:
-                break
-        out[name] = value
-    return out
+    return to_official_detr_names(state_dict, rules, class_rows=92)
 
 
 def test_official_converter_round_trip():
