@@ -124,6 +124,40 @@ int64_t prefetch_distance() {
   return distance;
 }
 
+// The inputs of both passes, validated and made contiguous; `args` points into these tensors.
+struct PreparedInputs {
+  at::Tensor value, shapes, starts, loc, attn, zeros;
+  ScalarKind kind;
+  msda_cpu::InputArgs args;
+};
+
+PreparedInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights) {
+  ms_deform_attn_check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights);
+  check_cpu(value, spatial_shapes, level_start_index);
+  PreparedInputs p;
+  p.kind = scalar_kind(value);
+  p.value = value.contiguous();
+  p.shapes = spatial_shapes.contiguous();
+  p.starts = level_start_index.contiguous();
+  p.loc = sampling_locations.contiguous();
+  p.attn = attention_weights.contiguous();
+  p.zeros = at::zeros({p.value.size(3)}, p.value.options());
+  msda_cpu::InputArgs& a = p.args;
+  a.value = p.value.data_ptr();
+  a.spatial = p.shapes.data_ptr<int64_t>();
+  a.level_start = p.starts.data_ptr<int64_t>();
+  a.loc = p.loc.data_ptr();
+  a.attn = p.attn.data_ptr();
+  a.zeros = p.zeros.data_ptr();
+  a.N = p.value.size(0); a.S = p.value.size(1); a.M = p.value.size(2); a.D = p.value.size(3);
+  a.Lq = p.loc.size(1); a.L = p.loc.size(3); a.P = p.loc.size(4);
+  a.prefetch = prefetch_distance();
+  return p;
+}
+
 }  // namespace
 
 std::string ms_deform_attn_cpu_isa() {
@@ -144,33 +178,14 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
-  ms_deform_attn_check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights);
-  check_cpu(value, spatial_shapes, level_start_index);
-  const ScalarKind kind = scalar_kind(value);
-
-  const at::Tensor v = value.contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor attn = attention_weights.contiguous();
-
-  const int64_t N = v.size(0), S = v.size(1), M = v.size(2), D = v.size(3);
-  const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
-  at::Tensor out = at::empty({N, Lq, M * D}, v.options());
+  const PreparedInputs in =
+      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const int64_t N = in.args.N, M = in.args.M, D = in.args.D, Lq = in.args.Lq, L = in.args.L, P = in.args.P;
+  at::Tensor out = at::empty({N, Lq, M * D}, in.value.options());
   if (out.numel() == 0) return out;
-  const at::Tensor zeros = at::zeros({D}, v.options());
 
-  FwdArgs a{};
-  a.value = v.data_ptr();
-  a.spatial = shapes.data_ptr<int64_t>();
-  a.level_start = starts.data_ptr<int64_t>();
-  a.loc = loc.data_ptr();
-  a.attn = attn.data_ptr();
-  a.zeros = zeros.data_ptr();
+  FwdArgs a{in.args};
   a.out = out.data_ptr();
-  a.N = N; a.S = S; a.M = M; a.D = D; a.Lq = Lq; a.L = L; a.P = P;
-  a.prefetch = prefetch_distance();
 
   // Roughly 32k multiply-adds per task before it is worth waking a second thread.
   const int64_t per_query = std::max<int64_t>(1, M * L * P * D);
@@ -178,7 +193,7 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor&
   const ForwardFn fn = forward_fn();
   // Each output row is produced by exactly one task in a fixed order, so the result is bitwise
   // independent of the thread count.
-  at::parallel_for(0, N * Lq, grain, [&](int64_t begin, int64_t end) { fn(a, kind, begin, end); });
+  at::parallel_for(0, N * Lq, grain, [&](int64_t begin, int64_t end) { fn(a, in.kind, begin, end); });
   return out;
 }
 
@@ -186,19 +201,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cpu_backward(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
     const at::Tensor& grad_output) {
-  ms_deform_attn_check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights);
-  check_cpu(value, spatial_shapes, level_start_index);
-  const ScalarKind kind = scalar_kind(value);
-
-  const at::Tensor v = value.contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor attn = attention_weights.contiguous();
-
-  const int64_t N = v.size(0), S = v.size(1), M = v.size(2), D = v.size(3);
-  const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
+  const PreparedInputs in =
+      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const at::Tensor& v = in.value;
+  const int64_t N = in.args.N, S = in.args.S, M = in.args.M, D = in.args.D, Lq = in.args.Lq, L = in.args.L,
+                P = in.args.P;
   TORCH_CHECK(grad_output.device().is_cpu() && grad_output.scalar_type() == v.scalar_type(),
               "ms_deform_attn_cpu_backward: grad_output must be a CPU tensor of dtype ", v.scalar_type());
   TORCH_CHECK(grad_output.numel() == N * Lq * M * D, "ms_deform_attn_cpu_backward: grad_output has ",
@@ -206,8 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cpu_backward(
   const at::Tensor grad_out = grad_output.contiguous();
 
   at::Tensor grad_value = at::zeros_like(v);
-  at::Tensor grad_loc = at::empty_like(loc);
-  at::Tensor grad_attn = at::empty_like(attn);
+  at::Tensor grad_loc = at::empty_like(in.loc);
+  at::Tensor grad_attn = at::empty_like(in.attn);
   if (N * Lq * M == 0 || D == 0 || L * P == 0) {
     grad_loc.zero_();
     grad_attn.zero_();
@@ -229,27 +236,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cpu_backward(
   at::Tensor extra;
   if (chunks > 1) extra = at::zeros({chunks - 1, N, S, M, D}, v.options());
 
-  BwdArgs a{};
-  a.value = v.data_ptr();
-  a.spatial = shapes.data_ptr<int64_t>();
-  a.level_start = starts.data_ptr<int64_t>();
-  a.loc = loc.data_ptr();
-  a.attn = attn.data_ptr();
+  BwdArgs a{in.args};
   a.grad_out = grad_out.data_ptr();
-  const at::Tensor zeros = at::zeros({D}, v.options());
-  a.zeros = zeros.data_ptr();
   a.grad_value = grad_value.data_ptr();
   a.grad_value_extra = chunks > 1 ? extra.data_ptr() : nullptr;
   a.grad_loc = grad_loc.data_ptr();
   a.grad_attn = grad_attn.data_ptr();
-  a.N = N; a.S = S; a.M = M; a.D = D; a.Lq = Lq; a.L = L; a.P = P;
   a.chunks = chunks;
-  a.prefetch = prefetch_distance();
 
   const BackwardFn fn = backward_fn();
   at::parallel_for(0, NM * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> sink(static_cast<size_t>(D));  // scratch row, large enough for any dtype
-    fn(a, kind, begin, end, sink.data());
+    fn(a, in.kind, begin, end, sink.data());
   });
   for (int64_t k = 0; k + 1 < chunks; ++k) grad_value.add_(extra[k]);
   return std::make_tuple(grad_value, grad_loc, grad_attn);

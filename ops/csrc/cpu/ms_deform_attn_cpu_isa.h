@@ -16,33 +16,29 @@ namespace msda_cpu {
 
 enum class ScalarKind { kFloat, kDouble };
 
-struct FwdArgs {
+// What the forward and the backward kernels both read.
+struct InputArgs {
   const void* value;           // (N, S, M, D)
   const int64_t* spatial;      // (L, 2) (H, W)
   const int64_t* level_start;  // (L,)
   const void* loc;             // (N, Lq, M, L, P, 2)
   const void* attn;            // (N, Lq, M, L, P)
   const void* zeros;           // D zeros, read for corners outside the map
-  void* out;                   // (N, Lq, M, D)
   int64_t N, S, M, D, Lq, L, P;
   int64_t prefetch;            // prefetch distance in taps (0: none)
 };
 
-struct BwdArgs {
-  const void* value;
-  const int64_t* spatial;
-  const int64_t* level_start;
-  const void* loc;
-  const void* attn;
+struct FwdArgs : InputArgs {
+  void* out;                   // (N, Lq, M, D)
+};
+
+struct BwdArgs : InputArgs {
   const void* grad_out;        // (N, Lq, M, D)
-  const void* zeros;
   void* grad_value;            // (N, S, M, D), chunk 0 accumulates here (must start at zero)
   void* grad_value_extra;      // (chunks - 1, N, S, M, D) zeroed buffers for chunks 1.., or null
   void* grad_loc;              // (N, Lq, M, L, P, 2), fully written
   void* grad_attn;             // (N, Lq, M, L, P), fully written
-  int64_t N, S, M, D, Lq, L, P;
   int64_t chunks;              // query chunks per (n, m); work items = N * M * chunks
-  int64_t prefetch;            // prefetch distance in taps (0: none)
 };
 
 // One namespace per instruction set; each provides
