@@ -4,6 +4,11 @@
 on validation images.
 
     python tools/demo.py --output-dir output/demo [--config detr/detr_r18_synthetic] [key=value ...]
+
+The default is Deformable DETR, which beats DETR on synthetic_shapes (README). Its full
+700-iteration recipe takes about 2.75 s per iteration on 2 cores, so the demo trains it for 250
+iterations (the schedule is relative, so the lr drop stays at 80%) to keep training within 12
+minutes; `--config` runs any packaged config with its own iteration count.
 """
 import argparse
 import json
@@ -21,7 +26,8 @@ from detr_variants.engine import DefaultPredictor
 from detr_variants.engine.train_loop import apply_overrides, train
 from detr_variants.model_zoo import get_config
 
-DEFAULT_DEMO_CONFIG = "detr/detr_r18_synthetic"
+DEFAULT_DEMO_CONFIG = "deformable_detr/deformable_detr_r18_synthetic"
+DEFAULT_DEMO_OVERRIDES = ["train.max_iter=250"]
 
 
 def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_threshold: float = 0.3) -> None:
@@ -48,7 +54,8 @@ def main():
     parser.add_argument("opts", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
-    cfg = apply_overrides(get_config(args.config), [f"train.output_dir={args.output_dir}", *args.opts])
+    defaults = DEFAULT_DEMO_OVERRIDES if args.config == DEFAULT_DEMO_CONFIG else []
+    cfg = apply_overrides(get_config(args.config), [*defaults, f"train.output_dir={args.output_dir}", *args.opts])
     cfg.dataloader.evaluator.output_dir = os.path.join(args.output_dir, "inference")
     setup_logger(args.output_dir, name="detectron2")
     setup_logger(args.output_dir, name="detr_variants")
