@@ -30,8 +30,11 @@ DEFAULT_DEMO_CONFIG = "deformable_detr/deformable_detr_r18_synthetic"
 DEFAULT_DEMO_OVERRIDES = ["train.max_iter=250"]
 
 
-def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_threshold: float = 0.3) -> None:
-    """Draws the predictions above ``score_threshold`` on the first validation images, in a grid."""
+def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_threshold: float = 0.3,
+                    at_least: int = 3) -> None:
+    """Draws the predictions above ``score_threshold`` on the first validation images, in a grid;
+    an image with fewer gets its ``at_least`` best ones (a short run's sigmoid scores are low), each
+    labelled with its score."""
     cfg.train.init_checkpoint = weights
     predictor = DefaultPredictor(cfg)
     dataset = cfg.dataloader.test.dataset.names
@@ -40,7 +43,8 @@ def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_thr
     for record in DatasetCatalog.get(dataset)[:num_images]:
         image = cv2.imread(record["file_name"])
         instances = predictor(image)["instances"].to("cpu")
-        instances = instances[instances.scores >= score_threshold]
+        keep = max(int((instances.scores >= score_threshold).sum()), min(at_least, len(instances)))
+        instances = instances[instances.scores.argsort(descending=True)[:keep]]
         vis = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
         tiles.append(cv2.resize(vis.get_image(), (320, 320)))
     rows = [np.concatenate(tiles[i:i + 3], axis=1) for i in range(0, len(tiles), 3)]
