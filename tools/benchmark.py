@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import threading
 import time
@@ -61,6 +62,20 @@ def hf_conditional_detr(**kwargs):
                                 auxiliary_loss=True,  # as ours and the official recipe
                                 **_OFFICIAL_DROPOUTS, backbone_config=_hf_resnet50(["stage4"]), **kwargs)
     return ConditionalDetrForObjectDetection(cfg)
+
+
+def train_backbone_like_official(hf) -> None:
+    """Makes the HF model train ResNet stages 2-4 (HF ``stages.1``-``3``), as the official recipes
+    and ours (``freeze_at=2``) do. HF means to, but with its own (non-timm) ResNet it looks for
+    "stage.1" in names that read "stages.1" and so freezes the whole backbone, which would leave
+    out the backbone's backward pass from its training step."""
+    for name, param in hf.model.backbone.named_parameters():
+        if re.search(r"\.stages\.[123]\.", name):
+            param.requires_grad_(True)
+
+
+def trainable_backbone_numel(backbone) -> int:
+    return sum(p.numel() for p in backbone.parameters() if p.requires_grad)
 
 
 # name: (config, HF builder or None, converter arch, paper GFLOPs)
@@ -178,6 +193,9 @@ def benchmark(name: str, repeat: int) -> Dict:
     if hf_builder is not None:
         hf = hf_builder().eval()
         Checkpointer(ours, strict=True)._load_model({"model": convert_checkpoint(hf.state_dict(), "hf", arch)})
+        train_backbone_like_official(hf)
+        if trainable_backbone_numel(hf.model.backbone) != trainable_backbone_numel(ours.backbone):
+            raise RuntimeError(f"{name}: ours and HF would not train the same backbone parameters")
     g = torch.Generator().manual_seed(0)
     row = {"model": name, "config": config, "paper_gflops": paper_gflops}
     image = torch.rand(1, 3, 800, 1216, generator=g)
