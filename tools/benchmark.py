@@ -8,7 +8,8 @@ implementation with the same weights, measured side by side in one run.
 For each model: GFLOPs (fvcore, one multiply-add = one flop, as the papers count) at 800x1216
 beside the paper's number; inference latency (batch 1, 800x1216, median of --repeat runs after a
 warm-up); a training step (forward + backward, batch 2, 512x512, 5 boxes per image); and the
-peak resident-memory increase of each (sampled every 5 ms). The HF model is random-initialised
+peak resident-memory increase of each (sampled every 5 ms), and the share of one training step
+spent in matrix multiplies and convolutions (torch.profiler). The HF model is random-initialised
 with the architecture of the COCO checkpoint, converted with ``convert_checkpoint`` and loaded
 into ours, so both compute the same function. Nothing here is asserted: it writes numbers.
 """
@@ -184,6 +185,18 @@ def normalized(model, batched):
     return images.tensor, (~mask).long()
 
 
+def gemm_conv_share(fn: Callable[[], None]) -> float:
+    """Share of one run of ``fn``'s self CPU time (torch.profiler) spent in matrix multiplies and
+    convolutions: work that ours and HF do alike, so it bounds what a faster attention can gain."""
+    with torch.profiler.profile() as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    dense = sum(e.self_cpu_time_total for e in events
+                if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or "conv" in e.key)
+    return dense / total
+
+
 # ------------------------------------------------------------------ one model
 def benchmark(name: str, repeat: int) -> Dict:
     config, hf_builder, arch, paper_gflops = MODELS[name]
@@ -216,6 +229,7 @@ def benchmark(name: str, repeat: int) -> Dict:
         ours.zero_grad(set_to_none=True)
 
     row["ours_train_step"] = measure(our_step, repeat)
+    row["ours_train_step"]["gemm_conv_share"] = gemm_conv_share(our_step)
     if hf is not None:
         hf.train()
         pixels, pixel_mask = normalized(ours, batched)
@@ -226,6 +240,7 @@ def benchmark(name: str, repeat: int) -> Dict:
             hf.zero_grad(set_to_none=True)
 
         row["hf_train_step"] = measure(hf_step, repeat)
+        row["hf_train_step"]["gemm_conv_share"] = gemm_conv_share(hf_step)
         row["speedup_inference"] = row["hf_inference"]["seconds"] / row["ours_inference"]["seconds"]
         row["speedup_train_step"] = row["hf_train_step"]["seconds"] / row["ours_train_step"]["seconds"]
     return row

@@ -144,9 +144,9 @@ def convert_official_detr_layout(state_dict: StateDict, layer_target: LayerTarge
     out: StateDict = {}
     unknown = []
     for key, value in drop_batchnorm_counters(state_dict).items():
-        layer = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
         if key.startswith(skip):
             continue
+        layer = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
         if key.startswith("backbone.0.body."):
             name = torchvision_resnet_name(key[len("backbone.0.body."):])
             target = None if name is None else "backbone." + name
