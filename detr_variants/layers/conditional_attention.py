@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout
 from .mlp import MLP
 from .position_encoding import sine_embed_coordinates
 from .transformer import FeedForward, clone_layers
@@ -90,8 +91,8 @@ class ConditionalDecoderLayer(nn.Module):
         self.cross_attn = PreprojectedAttention(2 * d_model, nhead, value_dim=d_model, dropout=dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
     def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, query_sine_embed: Tensor, pos: Tensor,

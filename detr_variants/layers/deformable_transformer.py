@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .box_ops import inverse_sigmoid
+from .dropout import Dropout
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .transformer import FeedForward, clone_layers
 
@@ -56,7 +57,7 @@ class DeformableEncoderLayer(nn.Module):
                  activation: str = "relu", num_levels: int = 4, num_heads: int = 8, num_points: int = 4):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
@@ -84,10 +85,10 @@ class DeformableDecoderLayer(nn.Module):
                  activation: str = "relu", num_levels: int = 4, num_heads: int = 8, num_points: int = 4):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 

@@ -24,13 +24,8 @@ from torch.autograd.function import Function, once_differentiable
 
 logger = logging.getLogger(__name__)
 
-try:  # the package must import without its native extension
-    from detr_variants import _C  # type: ignore[attr-defined]
-
-    _C_IMPORT_ERROR: Optional[BaseException] = None
-except (ImportError, OSError) as e:  # pragma: no cover - depends on the build
-    _C = None
-    _C_IMPORT_ERROR = e
+from detr_variants._native import IMPORT_ERROR as _C_IMPORT_ERROR
+from detr_variants._native import _C, graph_capture
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -137,13 +132,9 @@ class _MSDeformAttnFunction(Function):
 
 
 def _fallback_reason(value: torch.Tensor) -> Optional[str]:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return "tracing (torch.jit)"
-    if torch.onnx.is_in_onnx_export():
-        return "ONNX export"
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if is_compiling is not None and is_compiling():
-        return "torch.compile"
+    capture = graph_capture()
+    if capture is not None:
+        return capture
     if _C is None:
         return f"detr_variants._C is not built ({_C_IMPORT_ERROR})"
     device = value.device.type

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout
 from .mlp import MLP
 from .transformer import FeedForward, clone_layers
 
@@ -254,8 +255,8 @@ class SMCADecoderLayer(nn.Module):
         self.cross_attn = GaussianModulatedAttention(d_model, nhead, dropout=dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.prior_norm = nn.LayerNorm(d_model)
         self.modulation = SpatialModulation(d_model, nhead, num_levels, scale_type, multi_head_modulation, beta,

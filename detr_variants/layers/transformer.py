@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout, relu_dropout
+
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
     return x if pos is None else x + pos
@@ -30,24 +32,23 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout_out = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout_out = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.activation = _activation(activation)
         self.normalize_before = normalize_before
 
     def _hidden(self, y: Tensor) -> Tensor:
         h = self.linear1(y)
-        if self.activation is F.relu and not h.requires_grad:
-            # in place at inference: the FFN's widest activation is the largest allocation of an
-            # encoder layer (not under autograd, where the Linear's output is a view and an
-            # in-place op would add a CopySlices node to the backward)
-            return F.relu_(h)
-        return self.activation(h)
+        if self.activation is F.relu:
+            # one fused mask (training, CPU) or an in-place ReLU (inference): the FFN's widest
+            # activation is the largest tensor of an encoder layer
+            return relu_dropout(h, self.dropout.p, self.training)
+        return self.dropout(self.activation(h))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm(x) if self.normalize_before else x
-        x = x + self.dropout_out(self.linear2(self.dropout(self._hidden(y))))
+        x = x + self.dropout_out(self.linear2(self._hidden(y)))
         return x if self.normalize_before else self.norm(x)
 
 
@@ -59,7 +60,7 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
         self.normalize_before = normalize_before
 
@@ -85,8 +86,8 @@ class TransformerDecoderLayer(nn.Module):
         self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
         self.normalize_before = normalize_before
 

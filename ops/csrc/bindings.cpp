@@ -1,6 +1,7 @@
 // Python bindings of detr_variants._C: device dispatch of the native operators.
 #include <torch/extension.h>
 
+#include "dropout.h"
 #include "ms_deform_attn.h"
 
 namespace detr_variants {
@@ -62,7 +63,7 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace detr_variants;
-  m.doc() = "Native operators of detr_variants (multi-scale deformable attention).";
+  m.doc() = "Native operators of detr_variants (multi-scale deformable attention, CPU dropout).";
   m.def("ms_deform_attn_forward", &ms_deform_attn_forward,
         "Multi-scale deformable attention forward -> (N, Lq, M*D).", py::arg("value"),
         py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
@@ -72,6 +73,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_attention_weights).",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
         py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("grad_output"));
+  m.def("dropout_cpu_forward", &dropout_cpu_forward,
+        "Dropout (optionally fused with a ReLU) with a counter-based mask -> (output, bool mask).",
+        py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("relu"));
+  m.def("dropout_cpu_backward", &dropout_cpu_backward, "grad_output * mask * scale.",
+        py::arg("grad_output"), py::arg("mask"), py::arg("scale"));
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("cpu_isa", &ms_deform_attn_cpu_isa,
         "Instruction set used by the CPU kernels: avx512, avx2 or baseline.");

@@ -1,0 +1,24 @@
+// Dropout with a counter-based random mask (CPU): the keep decision of element i is a hash of
+// (seed, i), so the mask is drawn in parallel, vectorised and independent of the thread count,
+// where PyTorch's CPU dropout draws one mt19937 sample per element on one thread.
+//
+//   keep_i = hash_i >= threshold,  P(keep) = 1 - threshold / 2^32  (p quantised to 2^-32)
+//   out_i  = keep_i ? x_i * scale : 0
+//
+// With `relu` the ReLU is fused in: keep_i also needs x_i > 0, so one mask serves both.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace detr_variants {
+
+// Returns (output, mask), mask a bool tensor of x's shape; x float32/float64 on the CPU.
+std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, double p, int64_t seed,
+                                                       bool relu);
+
+// grad_output * mask * scale.
+at::Tensor dropout_cpu_backward(const at::Tensor& grad_output, const at::Tensor& mask, double scale);
+
+}  // namespace detr_variants
