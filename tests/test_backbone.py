@@ -55,3 +55,38 @@ def test_feature_masks_follow_the_image_mask():
     mask[:, :32, :64] = False
     masks = feature_masks(mask, {"res5": torch.zeros(1, 8, 2, 3)})
     assert masks["res5"].tolist() == [[[False, False, True], [True, True, True]]]
+
+
+def test_frozen_batchnorm_is_folded_into_the_convolutions_without_changing_the_function():
+    """make_resnet runs each conv + FrozenBN as one convolution: same state-dict keys, same outputs
+    and parameter gradients as detectron2's conv then FrozenBN (float64)."""
+    from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+    from detr_variants.modeling.backbone import FrozenBNConv2d
+
+    folded = make_resnet(depth=18, out_features=["res4", "res5"], norm="FrozenBN", freeze_at=2).double()
+    plain = make_resnet(depth=18, out_features=["res4", "res5"], norm="FrozenBN", freeze_at=2).double()
+    for m in plain.modules():
+        if type(m) is FrozenBNConv2d:
+            m.__class__ = Conv2d  # undo the fold: detectron2's own forward
+    assert not any(type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d) for m in folded.modules())
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    torch.manual_seed(0)
+    state = {k: torch.rand_like(v) + 0.5 if k.endswith("running_var") else
+             torch.randn_like(v) * 0.1 if ".norm." in k else v for k, v in folded.state_dict().items()}
+    folded.load_state_dict(state)
+    plain.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    results = []
+    for model in (folded, plain):
+        for grad_enabled in (False, True):  # detectron2's FrozenBN takes another path under autograd
+            with torch.set_grad_enabled(grad_enabled):
+                out = model(x)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(sum(o.square().sum() for o in out.values()), trainable)
+        results.append((out, grads))
+    (out, grads), (out_ref, grads_ref) = results
+    for name in out:
+        torch.testing.assert_close(out[name], out_ref[name], rtol=1e-10, atol=1e-10)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)

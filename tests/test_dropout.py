@@ -1,10 +1,12 @@
-"""The transformers' dropout: native counter-based CPU kernel and its fallbacks."""
+"""The transformers' dropout (native counter-based CPU kernel, its fallbacks) and the attention
+that uses it for its weights."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from detr_variants._native import _C
-from detr_variants.layers import Dropout, FeedForward, dropout, relu_dropout
+from detr_variants.layers import (Dropout, FeedForward, MultiheadAttention, dropout, relu_dropout,
+                                  scaled_dot_product_attention)
 
 requires_native = pytest.mark.skipif(_C is None or not hasattr(_C, "dropout_cpu_forward"),
                                      reason="detr_variants._C not built")
@@ -92,3 +94,57 @@ def test_dropout_module_and_ffn_state_dict_match_torch():
     hidden = relu_dropout(ffn.linear1(x), 0.2, True)
     expected = ffn.norm(x + dropout(ffn.linear2(hidden), 0.2, True))
     torch.testing.assert_close(out, expected)
+
+
+# ------------------------------------------------------------------ attention-weight dropout
+
+TINY_P = 1e-9  # takes the native path but drops nothing: P(drop) = 4 / 2^32
+
+
+@requires_native
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_attention_matches_torch_sdpa(mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    mask = {None: None, "bool": torch.rand(2, 1, 5, 7, generator=g) > 0.3,
+            "float": torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64)}[mask_kind]
+    if mask_kind == "bool":
+        mask[..., 0] = True  # every query sees a key
+    for scale in (None, 0.7):
+        ours = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=TINY_P, scale=scale)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-7)
+
+
+@requires_native
+def test_attention_drops_weights_with_probability_p():
+    q, k = torch.randn(1, 8, 300, 32), torch.randn(1, 8, 300, 32)
+    v = torch.eye(300).expand(1, 8, 300, 300)  # the output is the dropped weight matrix itself
+    torch.manual_seed(0)
+    weights = scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    kept = weights != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    expected = (q @ k.transpose(-2, -1) / 32 ** 0.5).softmax(-1) / 0.75
+    torch.testing.assert_close(weights[kept], expected[kept])
+
+
+@requires_native
+def test_multihead_attention_matches_torch_and_keeps_its_state_dict():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 4, dropout=TINY_P, batch_first=True).double()
+    reference = torch.nn.MultiheadAttention(16, 4, dropout=0.0, batch_first=True).double()
+    reference.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    q, k = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    v = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, -3:] = True
+    results = []
+    for module in (ours.train(), reference.train()):
+        out, weights = module(q, k, v, key_padding_mask=padding, need_weights=False)
+        assert weights is None
+        results.append((out, torch.autograd.grad(out.square().sum(), [v, *module.parameters()])))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-7, atol=1e-7)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)

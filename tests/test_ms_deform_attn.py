@@ -355,6 +355,41 @@ def test_module_sampling_locations(monkeypatch, ref_dim):
     assert out.shape == (N, Lq, C)
 
 
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_module_gradients_match_the_official_formula(ref_dim):
+    """Output and gradients (inputs and parameters) equal the official module's computation written
+    out plainly (out-of-place padding fill, offsets scaled after the projection), float64: the
+    module's in-place fill and its scaling of the projection rows change nothing but rounding."""
+    mod = perturbed_module()
+    query, ref, inp, shapes, lsi, mask = module_inputs(ref_dim=ref_dim)
+    query.requires_grad_(True)
+    inp.requires_grad_(True)
+    N, Lq, C = query.shape
+    M, L, P = 4, 3, 2
+
+    def official():
+        value = mod.value_proj(inp).masked_fill(mask[..., None], 0.0).view(N, -1, M, C // M)
+        off = mod.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        if ref_dim == 2:
+            wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).double()
+            loc = ref[:, :, None, :, None, :] + off / wh[None, None, None, :, None, :]
+        else:
+            loc = ref[:, :, None, :, None, :2] + off / P * ref[:, :, None, :, None, 2:] * 0.5
+        attn = mod.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        return mod.output_proj(ms_deform_attn_pytorch(value, shapes, lsi, loc, attn))
+
+    results = []
+    for forward in (lambda: mod(query, ref, inp, shapes, lsi, mask), official):
+        out = forward()
+        tensors = [query, inp, *mod.parameters()]
+        results.append((out, torch.autograd.grad(out.square().sum(), tensors)))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert grads[1][mask].abs().max().item() == 0  # nothing flows into padded values
+
+
 def test_module_rejects_bad_reference_points():
     mod = perturbed_module()
     query, ref, inp, shapes, lsi, mask = module_inputs()

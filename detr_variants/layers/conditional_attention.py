@@ -10,9 +10,9 @@ behaviour follow the official code (``models/transformer.py``, ``models/attentio
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import scaled_dot_product_attention
 from .dropout import Dropout
 from .mlp import MLP
 from .position_encoding import sine_embed_coordinates
@@ -61,7 +61,7 @@ class PreprojectedAttention(nn.Module):
         b, nq, _ = query.shape
         q, k, v = (x.reshape(b, x.shape[1], self.num_heads, -1).transpose(1, 2) for x in (query, key, value))
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.value_dim))
 

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .attention import MultiheadAttention
 from .box_ops import inverse_sigmoid
 from .dropout import Dropout
 from .ms_deform_attn import MultiScaleDeformableAttention
@@ -84,7 +85,7 @@ class DeformableDecoderLayer(nn.Module):
     def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1,
                  activation: str = "relu", num_levels: int = 4, num_heads: int = 8, num_points: int = 4):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)

@@ -21,7 +21,7 @@ from torch.autograd.function import Function, once_differentiable
 
 from detr_variants._native import _C, graph_capture
 
-__all__ = ["Dropout", "dropout", "relu_dropout"]
+__all__ = ["Dropout", "dropout", "native_dropout_applies", "relu_dropout"]
 
 
 class _NativeDropout(Function):
@@ -40,14 +40,15 @@ class _NativeDropout(Function):
         return _C.dropout_cpu_backward(grad, keep, ctx.scale), None, None
 
 
-def _native(x: Tensor, p: float, training: bool) -> bool:
+def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
+    """Whether :func:`dropout` of ``x`` runs the native CPU kernel."""
     return (training and 0.0 < p < 1.0 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and _C is not None and hasattr(_C, "dropout_cpu_forward") and graph_capture() is None)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout(x, p, training)``; the native kernel when training on the CPU."""
-    if _native(x, p, training):
+    if native_dropout_applies(x, p, training):
         return _NativeDropout.apply(x, p, False)
     return F.dropout(x, p, training)
 
@@ -55,7 +56,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 def relu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``dropout(relu(x))`` with one fused mask when training on the CPU; the ReLU runs in place
     when nothing needs ``x`` for a backward pass."""
-    if _native(x, p, training):
+    if native_dropout_applies(x, p, training):
         return _NativeDropout.apply(x, p, True)
     # not in place under autograd: a Linear's 3-d output is a view, and an in-place op on it adds
     # a CopySlices node to the backward

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import MultiheadAttention, scaled_dot_product_attention
 from .dropout import Dropout
 from .mlp import MLP
 from .transformer import FeedForward, clone_layers
@@ -208,12 +209,12 @@ class GaussianModulatedAttention(nn.Module):
                 bias = torch.cat(biases, dim=-1)
             else:
                 bias = biases[0]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+            out = scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         else:
             weights = level_weights.to(q.dtype).transpose(1, 2)[:, None, :, :, None]  # (B, 1, L, Q, 1)
             out = 0
             for lvl, (k_l, v_l) in enumerate(zip(k.split(lengths, dim=2), v.split(lengths, dim=2))):
-                e_l = F.scaled_dot_product_attention(q, k_l, v_l, attn_mask=biases[lvl], dropout_p=dropout)
+                e_l = scaled_dot_product_attention(q, k_l, v_l, attn_mask=biases[lvl], dropout_p=dropout)
                 out = out + weights[:, :, lvl] * e_l
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.embed_dim))
 
@@ -251,7 +252,7 @@ class SMCADecoderLayer(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
         self.num_levels = num_levels
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.cross_attn = GaussianModulatedAttention(d_model, nhead, dropout=dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)

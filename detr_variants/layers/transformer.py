@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import MultiheadAttention
 from .dropout import Dropout, relu_dropout
 
 
@@ -58,7 +59,7 @@ class TransformerEncoderLayer(nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048,
                  dropout: float = 0.1, activation: str = "relu", normalize_before: bool = False):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
@@ -82,8 +83,8 @@ class TransformerDecoderLayer(nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048,
                  dropout: float = 0.1, activation: str = "relu", normalize_before: bool = False):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = Dropout(dropout)

@@ -8,8 +8,9 @@ from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
-from torch import Tensor
+from torch import Tensor, nn
 
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
                      152: [3, 8, 36, 3]}
@@ -47,7 +48,36 @@ def make_resnet(depth: int = 50, out_features: Sequence[str] = ("res5",), norm: 
                 kwargs["dilation_per_block"] = [1] + [2] * (n - 1)
         stages.append(ResNet.make_stage(**kwargs))
     stem = BasicStem(in_channels=3, out_channels=64, norm=norm)
-    return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+    resnet = ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+    return fold_frozen_batchnorm(resnet)
+
+
+class FrozenBNConv2d(Conv2d):
+    """A detectron2 ``Conv2d`` whose norm is ``FrozenBatchNorm2d``, run as one convolution.
+
+    The frozen affine y = x * s + t is folded into the convolution's weight (W * s) and bias on
+    every call, so weights loaded or trained later are used as they are. That saves a pass over
+    the feature map (two under autograd, where detectron2 computes x * s + t) and one in the
+    backward. Parameters, buffers and state-dict keys are those of the ``Conv2d`` it replaces.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.norm
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        x = F.conv2d(x, self.weight * scale.view(-1, 1, 1, 1).to(self.weight.dtype), shift.to(x.dtype),
+                     self.stride, self.padding, self.dilation, self.groups)
+        return x if self.activation is None else self.activation(x)
+
+
+def fold_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Turns every ``Conv2d`` + ``FrozenBatchNorm2d`` of ``module`` into a :class:`FrozenBNConv2d`, in place."""
+    for m in module.modules():
+        if type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d):
+            m.__class__ = FrozenBNConv2d
+    return module
 
 
 def feature_masks(padding_mask: Tensor, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
