@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from detr_variants._native import _C
-from detr_variants.layers import (Dropout, FeedForward, MultiheadAttention, dropout, relu_dropout,
+from detr_variants.layers import (Dropout, FeedForward, MultiheadAttention, dropout, relu_dropout_,
                                   scaled_dot_product_attention)
 
 requires_native = pytest.mark.skipif(_C is None or not hasattr(_C, "dropout_cpu_forward"),
@@ -49,13 +49,15 @@ def test_mask_follows_torch_seed_not_thread_count():
 
 
 @requires_native
-def test_relu_dropout_is_dropout_of_relu_with_the_same_mask():
+def test_relu_dropout_is_dropout_of_relu_with_the_same_mask_in_place():
     x = torch.randn(3, 257, 129, dtype=torch.float64)
-    assert torch.equal(seeded(relu_dropout, x), seeded(dropout, F.relu(x)))
+    expected = seeded(dropout, F.relu(x))
+    out = seeded(relu_dropout_, x)
+    assert out is x and torch.equal(out, expected)  # in place
 
 
 @requires_native
-@pytest.mark.parametrize("fn", [dropout, relu_dropout])
+@pytest.mark.parametrize("fn", [dropout, lambda t, p, training: relu_dropout_(t.clone(), p, training)])
 def test_gradient_is_the_mask_times_the_scale(fn):
     x = torch.randn(6, 33, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: seeded(fn, t), (x,))
@@ -73,7 +75,7 @@ def test_nan_is_kept_as_torch_does():
 def test_identity_at_inference_and_torch_elsewhere():
     x = torch.randn(2, 5, 8)
     assert torch.equal(dropout(x, 0.3, False), x)
-    assert torch.equal(relu_dropout(x.clone(), 0.3, False), F.relu(x))
+    assert torch.equal(relu_dropout_(x.clone(), 0.3, False), F.relu(x))
     half = x.to(torch.bfloat16)  # no native kernel for this dtype: F.dropout
     assert torch.equal(seeded(dropout, half), seeded(F.dropout, half))
     assert torch.equal(dropout(x, 0.0, True), x)
@@ -87,13 +89,20 @@ def test_dropout_module_and_ffn_state_dict_match_torch():
     assert set(ffn.state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
                                      "norm.weight", "norm.bias"}
     ffn.train()
-    x = torch.randn(2, 5, 8)
-    torch.manual_seed(0)
-    out = ffn(x)
-    torch.manual_seed(0)
-    hidden = relu_dropout(ffn.linear1(x), 0.2, True)
-    expected = ffn.norm(x + dropout(ffn.linear2(hidden), 0.2, True))
-    torch.testing.assert_close(out, expected)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    results = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        if in_place:  # the module: ReLU + dropout in place in the 2-d Linear output
+            out = ffn(x)
+        else:  # written out: the same masks, nothing in place
+            hidden = dropout(F.relu(ffn.linear1(x)), 0.2, True)
+            out = ffn.norm(x + dropout(ffn.linear2(hidden), 0.2, True))
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
 
 
 # ------------------------------------------------------------------ attention-weight dropout

@@ -6,10 +6,10 @@ implementation with the same weights, measured side by side in one run.
     python tools/benchmark.py --models deformable_detr_r50 --repeat 3 --threads 2
 
 For each model: GFLOPs (fvcore, one multiply-add = one flop, as the papers count) at 800x1216
-beside the paper's number; inference latency (batch 1, 800x1216, median of --repeat runs after a
-warm-up); a training step (forward + backward, batch 2, 512x512, 5 boxes per image); and the
-peak resident-memory increase of each (sampled every 5 ms), and the share of one training step
-spent in matrix multiplies and convolutions (torch.profiler). The HF model is random-initialised
+beside the paper's number; inference latency (batch 1, 800x1216) and a training step (forward +
+backward, batch 2, 512x512, 5 boxes per image), each the median of --repeat runs after a warm-up,
+ours and HF's runs interleaved; the peak resident-memory increase of each (sampled every 5 ms);
+and the share of one training step spent in matrix multiplies and convolutions (torch.profiler). The HF model is random-initialised
 with the architecture of the COCO checkpoint, converted with ``convert_checkpoint`` and loaded
 into ours, so both compute the same function. Nothing here is asserted: it writes numbers.
 """
@@ -102,9 +102,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(fn: Callable[[], None], repeat: int) -> Dict[str, float]:
-    """Median seconds of ``fn`` over ``repeat`` runs after one warm-up, and the peak RSS increase
-    over the warm-up run (MB)."""
+def peak_rss_increase_mb(fn: Callable[[], None]) -> float:
+    """Runs ``fn`` once (its warm-up) and returns the peak resident-memory increase (MB)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -122,12 +121,23 @@ def measure(fn: Callable[[], None], repeat: int) -> Dict[str, float]:
     fn()
     done.set()
     sampler.join()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_rss_increase_mb": (peak[0] - baseline) / 2**20}
+    return (peak[0] - baseline) / 2**20
+
+
+def measure(fns: Dict[str, Callable[[], None]], repeat: int) -> Dict[str, Dict[str, float]]:
+    """Median seconds of each of ``fns`` over ``repeat`` rounds, after one warm-up each (which
+    gives the peak memory). The rounds interleave the functions, in alternating order, so that a
+    change in the machine's speed during the run (other tenants, clock) affects all of them alike."""
+    results = {name: {"peak_rss_increase_mb": peak_rss_increase_mb(fn)} for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for i in range(repeat):
+        for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    for name in fns:
+        results[name]["seconds"] = statistics.median(times[name])
+    return results
 
 
 def gflops(model, image: torch.Tensor) -> Optional[float]:
@@ -215,11 +225,13 @@ def benchmark(name: str, repeat: int) -> Dict:
     row["gflops"] = gflops(ours, image)
 
     infer = [{"image": image[0] * 255}]
+    inference = {"ours": lambda: ours(infer)}
+    if hf is not None:
+        pixels, pixel_mask = normalized(ours, infer)
+        inference["hf"] = lambda: hf(pixel_values=pixels, pixel_mask=pixel_mask)
     with torch.no_grad():
-        row["ours_inference"] = measure(lambda: ours(infer), repeat)
-        if hf is not None:
-            pixels, pixel_mask = normalized(ours, infer)
-            row["hf_inference"] = measure(lambda: hf(pixel_values=pixels, pixel_mask=pixel_mask), repeat)
+        for who, result in measure(inference, repeat).items():
+            row[f"{who}_inference"] = result
 
     batched = random_targets(2, 512, 512, ours.num_classes, g)
     ours.train()
@@ -228,8 +240,7 @@ def benchmark(name: str, repeat: int) -> Dict:
         sum(ours(batched).values()).backward()
         ours.zero_grad(set_to_none=True)
 
-    row["ours_train_step"] = measure(our_step, repeat)
-    row["ours_train_step"]["gemm_conv_share"] = gemm_conv_share(our_step)
+    train_steps = {"ours": our_step}
     if hf is not None:
         hf.train()
         pixels, pixel_mask = normalized(ours, batched)
@@ -239,8 +250,10 @@ def benchmark(name: str, repeat: int) -> Dict:
             hf(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss.backward()
             hf.zero_grad(set_to_none=True)
 
-        row["hf_train_step"] = measure(hf_step, repeat)
-        row["hf_train_step"]["gemm_conv_share"] = gemm_conv_share(hf_step)
+        train_steps["hf"] = hf_step
+    for who, result in measure(train_steps, repeat).items():
+        row[f"{who}_train_step"] = dict(result, gemm_conv_share=gemm_conv_share(train_steps[who]))
+    if hf is not None:
         row["speedup_inference"] = row["hf_inference"]["seconds"] / row["ours_inference"]["seconds"]
         row["speedup_train_step"] = row["hf_train_step"]["seconds"] / row["ours_train_step"]["seconds"]
     return row

@@ -3,10 +3,10 @@
 PyTorch's CPU dropout draws one mt19937 Bernoulli sample per element on one thread (MKL's vector
 sampler is used on Intel CPUs only): 100 ms for the (2, 5440, 1024) FFN activation of a Deformable
 DETR encoder layer at 512x512 on the 2-core development machine, a sixth of the whole training
-step. On the CPU in training mode, :func:`dropout` and :func:`relu_dropout` instead use the native
+step. On the CPU in training mode, :func:`dropout` and :func:`relu_dropout_` instead use the native
 kernel of ``detr_variants._C`` (``ops/csrc/cpu/dropout_cpu.cpp``): element i is kept when a hash
 of (seed, i) clears a threshold, so the mask is drawn in parallel and vectorised (23 ms for that
-activation), and :func:`relu_dropout` folds the FFN's ReLU into the same mask.
+activation), and :func:`relu_dropout_` folds the FFN's ReLU into the same mask, in place.
 
 The distribution is dropout's: each element kept independently with probability 1 - p (p rounded
 to a multiple of 2^-32) and scaled by 1 / (1 - p). The random stream differs from ``F.dropout``'s;
@@ -21,14 +21,16 @@ from torch.autograd.function import Function, once_differentiable
 
 from detr_variants._native import _C, graph_capture
 
-__all__ = ["Dropout", "dropout", "native_dropout_applies", "relu_dropout"]
+__all__ = ["Dropout", "dropout", "native_dropout_applies", "relu_dropout_"]
 
 
 class _NativeDropout(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, p: float, relu: bool) -> Tensor:
+    def forward(ctx, x: Tensor, p: float, relu: bool, inplace: bool) -> Tensor:
         seed = int(torch.empty((), dtype=torch.int64).random_())
-        out, keep = _C.dropout_cpu_forward(x, p, seed, relu)
+        out, keep = _C.dropout_cpu_forward(x, p, seed, relu, inplace)
+        if inplace:
+            ctx.mark_dirty(x)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return out
@@ -37,7 +39,7 @@ class _NativeDropout(Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (keep,) = ctx.saved_tensors
-        return _C.dropout_cpu_backward(grad, keep, ctx.scale), None, None
+        return _C.dropout_cpu_backward(grad, keep, ctx.scale), None, None, None
 
 
 def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
@@ -49,18 +51,17 @@ def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout(x, p, training)``; the native kernel when training on the CPU."""
     if native_dropout_applies(x, p, training):
-        return _NativeDropout.apply(x, p, False)
+        return _NativeDropout.apply(x, p, False, False)
     return F.dropout(x, p, training)
 
 
-def relu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """``dropout(relu(x))`` with one fused mask when training on the CPU; the ReLU runs in place
-    when nothing needs ``x`` for a backward pass."""
+def relu_dropout_(x: Tensor, p: float, training: bool) -> Tensor:
+    """``dropout(relu(x))`` computed in place in ``x``, with one fused mask when training on the
+    CPU. ``x`` must be contiguous and, under autograd, no view (use a 2-d Linear output: a 3-d one
+    is a view) and not saved for the backward by the op that made it (a Linear's output is not)."""
     if native_dropout_applies(x, p, training):
-        return _NativeDropout.apply(x, p, True)
-    # not in place under autograd: a Linear's 3-d output is a view, and an in-place op on it adds
-    # a CopySlices node to the backward
-    return F.dropout(F.relu(x) if x.requires_grad else F.relu_(x), p, training)
+        return _NativeDropout.apply(x, p, True, True)
+    return F.dropout(F.relu_(x), p, training)
 
 
 class Dropout(nn.Dropout):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiheadAttention
-from .dropout import Dropout, relu_dropout
+from .dropout import Dropout, relu_dropout_
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -40,16 +40,16 @@ class FeedForward(nn.Module):
         self.normalize_before = normalize_before
 
     def _hidden(self, y: Tensor) -> Tensor:
-        h = self.linear1(y)
+        # 2-d, so that the widest activation (the largest tensor of an encoder layer) is no view
+        # and the ReLU + dropout can overwrite it instead of allocating another
+        h = self.linear1(y.reshape(-1, y.shape[-1]))
         if self.activation is F.relu:
-            # one fused mask (training, CPU) or an in-place ReLU (inference): the FFN's widest
-            # activation is the largest tensor of an encoder layer
-            return relu_dropout(h, self.dropout.p, self.training)
+            return relu_dropout_(h, self.dropout.p, self.training)
         return self.dropout(self.activation(h))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm(x) if self.normalize_before else x
-        x = x + self.dropout_out(self.linear2(self._hidden(y)))
+        x = x + self.dropout_out(self.linear2(self._hidden(y)).view(x.shape))
         return x if self.normalize_before else self.norm(x)
 
 

@@ -75,7 +75,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("grad_output"));
   m.def("dropout_cpu_forward", &dropout_cpu_forward,
         "Dropout (optionally fused with a ReLU) with a counter-based mask -> (output, bool mask).",
-        py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("relu"));
+        py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("relu"), py::arg("inplace") = false);
   m.def("dropout_cpu_backward", &dropout_cpu_backward, "grad_output * mask * scale.",
         py::arg("grad_output"), py::arg("mask"), py::arg("scale"));
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in.");

@@ -14,9 +14,10 @@
 
 namespace detr_variants {
 
-// Returns (output, mask), mask a bool tensor of x's shape; x float32/float64 on the CPU.
+// Returns (output, mask), mask a bool tensor of x's shape; x float32/float64 on the CPU. With
+// `inplace` the output is x itself (x must be contiguous).
 std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, double p, int64_t seed,
-                                                       bool relu);
+                                                       bool relu, bool inplace);
 
 // grad_output * mask * scale.
 at::Tensor dropout_cpu_backward(const at::Tensor& grad_output, const at::Tensor& mask, double scale);

@@ -71,11 +71,12 @@ void backward_kernel(const scalar_t* grad, const uint8_t* mask, scalar_t* out, i
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, double p, int64_t seed,
-                                                       bool relu) {
+                                                       bool relu, bool inplace) {
   TORCH_CHECK(x.device().is_cpu(), "dropout_cpu_forward: expected a CPU tensor, got ", x.device());
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_cpu_forward: p must be in [0, 1), got ", p);
+  TORCH_CHECK(!inplace || x.is_contiguous(), "dropout_cpu_forward: in place needs a contiguous tensor");
   const at::Tensor input = x.contiguous();
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = inplace ? input : at::empty_like(input);  // the kernel reads x[i] before writing out[i]
   at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
   const double levels = std::ldexp(1.0, 32);
   const uint32_t threshold = static_cast<uint32_t>(std::min(std::nearbyint(p * levels), levels - 1));
