@@ -67,6 +67,22 @@ def test_gradient_is_the_mask_times_the_scale(fn):
 
 
 @requires_native
+def test_residual_is_added_in_the_same_pass():
+    x = torch.randn(7, 301, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(7, 301, dtype=torch.float64, requires_grad=True)
+    out = seeded(lambda t, p, training: dropout(t, p, training, residual=residual), x)
+    assert torch.equal(out, residual + seeded(dropout, x))
+    grad_x, grad_residual = torch.autograd.grad(out.sum(), [x, residual])
+    assert torch.equal(grad_residual, torch.ones_like(residual))
+    torch.testing.assert_close(grad_x, (seeded(dropout, x) != 0).double() / 0.7)
+    small = (x[:2, :17].detach().requires_grad_(), residual[:2, :17].detach().requires_grad_())
+    assert torch.autograd.gradcheck(lambda t, r: seeded(lambda a, p, tr: dropout(a, p, tr, residual=r), t), small)
+    half, half_residual = x.detach().bfloat16(), residual.detach().bfloat16()  # F.dropout path
+    assert torch.equal(seeded(lambda t, p, tr: Dropout(p)(t, residual=half_residual), half),
+                       half_residual + seeded(F.dropout, half))
+
+
+@requires_native
 def test_nan_is_kept_as_torch_does():
     x = torch.full((64,), float("nan"))
     assert seeded(dropout, x).isnan().all()

@@ -8,7 +8,7 @@ implementation with the same weights, measured side by side in one run.
 For each model: GFLOPs (fvcore, one multiply-add = one flop, as the papers count) at 800x1216
 beside the paper's number; inference latency (batch 1, 800x1216) and a training step (forward +
 backward, batch 2, 512x512, 5 boxes per image), each the median of --repeat runs after a warm-up,
-ours and HF's runs interleaved; the peak resident-memory increase of each (sampled every 5 ms);
+ours and HF's runs interleaved (see ``measure``); the peak resident-memory increase of each (sampled every 5 ms);
 and the share of one training step spent in matrix multiplies and convolutions (torch.profiler). The HF model is random-initialised
 with the architecture of the COCO checkpoint, converted with ``convert_checkpoint`` and loaded
 into ours, so both compute the same function. Nothing here is asserted: it writes numbers.
@@ -126,12 +126,15 @@ def peak_rss_increase_mb(fn: Callable[[], None]) -> float:
 
 def measure(fns: Dict[str, Callable[[], None]], repeat: int) -> Dict[str, Dict[str, float]]:
     """Median seconds of each of ``fns`` over ``repeat`` rounds, after one warm-up each (which
-    gives the peak memory). The rounds interleave the functions, in alternating order, so that a
-    change in the machine's speed during the run (other tenants, clock) affects all of them alike."""
+    gives the peak memory). Each round runs every function twice in a row, timing the second run,
+    the functions in alternating order: a change in the machine's speed during the run (other
+    tenants, clock) affects all of them alike, and each timed run finds the allocator as a
+    repeated run of the same model leaves it, as in training, not as the other model left it."""
     results = {name: {"peak_rss_increase_mb": peak_rss_increase_mb(fn)} for name, fn in fns.items()}
     times = {name: [] for name in fns}
     for i in range(repeat):
         for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
+            fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

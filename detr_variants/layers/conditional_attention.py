@@ -101,7 +101,7 @@ class ConditionalDecoderLayer(nn.Module):
         (B, Q, d); memory, pos: (B, S, d); memory_key_padding_mask: (B, S) True at padding."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt))))
+        tgt = self.norm1(self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt)), residual=tgt))
 
         q = self.ca_qcontent_proj(tgt)
         k = self.ca_kcontent_proj(memory)
@@ -112,7 +112,7 @@ class ConditionalDecoderLayer(nn.Module):
         q = concat_per_head(q, self.ca_qpos_sine_proj(query_sine_embed), self.nhead)
         k = concat_per_head(k, k_pos, self.nhead)
         out = self.cross_attn(q, k, self.ca_v_proj(memory), key_padding_mask=memory_key_padding_mask)
-        tgt = self.norm2(tgt + self.dropout2(out))
+        tgt = self.norm2(self.dropout2(out, residual=tgt))
         return self.ffn(tgt)
 
 

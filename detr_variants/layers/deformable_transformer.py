@@ -64,7 +64,7 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        return self.ffn(self.norm(src + self.dropout(attn)))
+        return self.ffn(self.norm(self.dropout(attn, residual=src)))
 
 
 class DeformableEncoder(nn.Module):
@@ -96,10 +96,10 @@ class DeformableDecoderLayer(nn.Module):
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
                 memory_padding_mask=None):
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm1(self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                memory_padding_mask)
-        return self.ffn(self.norm2(tgt + self.dropout2(attn)))
+        return self.ffn(self.norm2(self.dropout2(attn, residual=tgt)))
 
 
 class DeformableDecoder(nn.Module):

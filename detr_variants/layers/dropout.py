@@ -14,6 +14,8 @@ the seed is drawn from torch's default CPU generator, so ``torch.manual_seed`` m
 reproducible, and the mask does not depend on the thread count. Elsewhere (CUDA, where PyTorch
 fuses dropout already, other dtypes, inference, graph capture) both are plain ``F.dropout``.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,10 +27,12 @@ __all__ = ["Dropout", "dropout", "native_dropout_applies", "relu_dropout_"]
 
 
 class _NativeDropout(Function):
+    """``residual + dropout(relu(x) if relu else x)``, the output in ``x`` itself if ``inplace``."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, p: float, relu: bool, inplace: bool) -> Tensor:
+    def forward(ctx, x: Tensor, residual: Optional[Tensor], p: float, relu: bool, inplace: bool) -> Tensor:
         seed = int(torch.empty((), dtype=torch.int64).random_())
-        out, keep = _C.dropout_cpu_forward(x, p, seed, relu, inplace)
+        out, keep = _C.dropout_cpu_forward(x, p, seed, relu, inplace, residual)
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(keep)
@@ -39,7 +43,8 @@ class _NativeDropout(Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (keep,) = ctx.saved_tensors
-        return _C.dropout_cpu_backward(grad, keep, ctx.scale), None, None, None
+        grad_residual = grad if ctx.needs_input_grad[1] else None
+        return _C.dropout_cpu_backward(grad, keep, ctx.scale), grad_residual, None, None, None
 
 
 def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
@@ -48,11 +53,13 @@ def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
             and _C is not None and hasattr(_C, "dropout_cpu_forward") and graph_capture() is None)
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """``F.dropout(x, p, training)``; the native kernel when training on the CPU."""
-    if native_dropout_applies(x, p, training):
-        return _NativeDropout.apply(x, p, False, False)
-    return F.dropout(x, p, training)
+def dropout(x: Tensor, p: float, training: bool, residual: Optional[Tensor] = None) -> Tensor:
+    """``F.dropout(x, p, training)``, plus ``residual`` if given (in the same pass when the native
+    kernel runs: training on the CPU)."""
+    if native_dropout_applies(x, p, training) and (residual is None or residual.shape == x.shape):
+        return _NativeDropout.apply(x, residual, p, False, False)
+    out = F.dropout(x, p, training)
+    return out if residual is None else residual + out
 
 
 def relu_dropout_(x: Tensor, p: float, training: bool) -> Tensor:
@@ -60,14 +67,16 @@ def relu_dropout_(x: Tensor, p: float, training: bool) -> Tensor:
     CPU. ``x`` must be contiguous and, under autograd, no view (use a 2-d Linear output: a 3-d one
     is a view) and not saved for the backward by the op that made it (a Linear's output is not)."""
     if native_dropout_applies(x, p, training):
-        return _NativeDropout.apply(x, p, True, True)
+        return _NativeDropout.apply(x, None, p, True, True)
     return F.dropout(F.relu_(x), p, training)
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` (same arguments, no parameters) that runs :func:`dropout`."""
+    """``nn.Dropout`` (same arguments, no parameters) that runs :func:`dropout`; called with a
+    ``residual`` it returns ``residual + dropout(x)``."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.inplace:
-            return super().forward(x)
-        return dropout(x, self.p, self.training)
+            out = super().forward(x)
+            return out if residual is None else residual + out
+        return dropout(x, self.p, self.training, residual)

@@ -280,11 +280,11 @@ class SMCADecoderLayer(nn.Module):
         priors = self.modulation(x, centers, level_sizes, spatial_shapes)
         weights = self.scale_weights(x)
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm1(self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt))
         out = self.cross_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask,
                               priors=priors, level_lengths=[int(h) * int(w) for h, w in spatial_shapes],
                               level_weights=weights)
-        tgt = self.norm2(tgt + self.dropout2(out))
+        tgt = self.norm2(self.dropout2(out, residual=tgt))
         return self.ffn(tgt)
 
 

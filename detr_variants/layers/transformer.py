@@ -49,7 +49,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm(x) if self.normalize_before else x
-        x = x + self.dropout_out(self.linear2(self._hidden(y)).view(x.shape))
+        x = self.dropout_out(self.linear2(self._hidden(y)).view(x.shape), residual=x)
         return x if self.normalize_before else self.norm(x)
 
 
@@ -70,8 +70,8 @@ class TransformerEncoderLayer(nn.Module):
         """src, pos: (B, S, C); key_padding_mask: (B, S) True at padding."""
         x = self.norm(src) if self.normalize_before else src
         q = k = _with_pos(x, pos)
-        src = src + self.dropout(self.self_attn(q, k, x, key_padding_mask=key_padding_mask,
-                                                need_weights=False)[0])
+        attn = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        src = self.dropout(attn, residual=src)
         if not self.normalize_before:
             src = self.norm(src)
         return self.ffn(src)
@@ -97,13 +97,13 @@ class TransformerDecoderLayer(nn.Module):
         """tgt, query_pos: (B, Q, C); memory, pos: (B, S, C)."""
         x = self.norm1(tgt) if self.normalize_before else tgt
         q = k = _with_pos(x, query_pos)
-        tgt = tgt + self.dropout1(self.self_attn(q, k, x, need_weights=False)[0])
+        tgt = self.dropout1(self.self_attn(q, k, x, need_weights=False)[0], residual=tgt)
         if not self.normalize_before:
             tgt = self.norm1(tgt)
         x = self.norm2(tgt) if self.normalize_before else tgt
-        tgt = tgt + self.dropout2(self.cross_attn(
-            _with_pos(x, query_pos), _with_pos(memory, pos), memory,
-            key_padding_mask=memory_key_padding_mask, need_weights=False)[0])
+        attn = self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, pos), memory,
+                               key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
+        tgt = self.dropout2(attn, residual=tgt)
         if not self.normalize_before:
             tgt = self.norm2(tgt)
         return self.ffn(tgt)

@@ -74,10 +74,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
         py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("grad_output"));
   m.def("dropout_cpu_forward", &dropout_cpu_forward,
-        "Dropout (optionally fused with a ReLU) with a counter-based mask -> (output, bool mask).",
-        py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("relu"), py::arg("inplace") = false);
-  m.def("dropout_cpu_backward", &dropout_cpu_backward, "grad_output * mask * scale.",
-        py::arg("grad_output"), py::arg("mask"), py::arg("scale"));
+        "Dropout (optionally fused with a ReLU before it, or a residual added after it) with a "
+        "counter-based mask -> (output, bool mask).",
+        py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("relu") = false, py::arg("inplace") = false,
+        py::arg("residual") = py::none());
+  m.def("dropout_cpu_backward", &dropout_cpu_backward, "grad_output * mask * scale.", py::arg("grad_output"),
+        py::arg("mask"), py::arg("scale"), py::arg("inplace") = false);
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("cpu_isa", &ms_deform_attn_cpu_isa,
         "Instruction set used by the CPU kernels: avx512, avx2 or baseline.");

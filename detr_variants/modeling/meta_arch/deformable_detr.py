@@ -116,8 +116,11 @@ class DeformableDETR(SetPredictionDetector):
         spatial_shapes, level_start_index = level_layout(srcs)
         ratios = valid_ratios(masks)
         memory_mask = flatten_levels(masks)
+        # the attention zeroes the values at padding; a batch without any (one image, or images of
+        # one size) skips that pass, and its backward
+        value_mask = memory_mask if memory_mask.any() else None
         memory = self.encoder(flatten_levels(srcs), flatten_levels(pos), spatial_shapes, level_start_index,
-                              ratios, memory_mask)
+                              ratios, value_mask)
 
         out_extra = {}
         if self.two_stage:
@@ -127,7 +130,7 @@ class DeformableDETR(SetPredictionDetector):
             query_pos, tgt = self.query_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1).chunk(2, dim=-1)
             reference_points = self.reference_points(query_pos).sigmoid()
         hs, references = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                      ratios, memory_mask)
+                                      ratios, value_mask)
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
         boxes = torch.stack([refine_reference(self.bbox_embed[i](h), r) for i, (h, r) in enumerate(zip(hs, references))])
         return {**set_prediction_outputs(logits, boxes, self.aux_loss), **out_extra}
