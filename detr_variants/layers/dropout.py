@@ -37,6 +37,7 @@ class _NativeDropout(Function):
             ctx.mark_dirty(x)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
+        ctx.inplace = inplace
         return out
 
     @staticmethod
@@ -44,7 +45,9 @@ class _NativeDropout(Function):
     def backward(ctx, grad: Tensor):
         (keep,) = ctx.saved_tensors
         grad_residual = grad if ctx.needs_input_grad[1] else None
-        return _C.dropout_cpu_backward(grad, keep, ctx.scale), grad_residual, None, None, None
+        # in place: see relu_dropout_ (never with a residual, which passes `grad` on as it is)
+        grad_x = _C.dropout_cpu_backward(grad, keep, ctx.scale, ctx.inplace and grad.is_contiguous())
+        return grad_x, grad_residual, None, None, None
 
 
 def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
@@ -64,8 +67,12 @@ def dropout(x: Tensor, p: float, training: bool, residual: Optional[Tensor] = No
 
 def relu_dropout_(x: Tensor, p: float, training: bool) -> Tensor:
     """``dropout(relu(x))`` computed in place in ``x``, with one fused mask when training on the
-    CPU. ``x`` must be contiguous and, under autograd, no view (use a 2-d Linear output: a 3-d one
-    is a view) and not saved for the backward by the op that made it (a Linear's output is not)."""
+    CPU; the backward then also masks its incoming gradient in place.
+
+    For the FFN's hidden activation, the largest tensor of an encoder layer. ``x`` must be
+    contiguous and, under autograd, no view (use a 2-d Linear output: a 3-d one is a view) and
+    not saved for the backward by the op that made it (a Linear's output is not). The result must
+    feed only ops whose gradient for it is a fresh tensor, such as a Linear."""
     if native_dropout_applies(x, p, training):
         return _NativeDropout.apply(x, None, p, True, True)
     return F.dropout(F.relu_(x), p, training)
