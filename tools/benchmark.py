@@ -139,7 +139,7 @@ def measure(fns: Dict[str, Callable[[], None]], repeat: int) -> Dict[str, Dict[s
             fn()
             times[name].append(time.perf_counter() - start)
     for name in fns:
-        results[name]["seconds"] = statistics.median(times[name])
+        results[name].update(seconds=statistics.median(times[name]), runs=[round(t, 3) for t in times[name]])
     return results
 
 
