@@ -2,11 +2,12 @@
 
 PyTorch's CPU dropout draws one mt19937 Bernoulli sample per element on one thread (MKL's vector
 sampler is used on Intel CPUs only): 100 ms for the (2, 5440, 1024) FFN activation of a Deformable
-DETR encoder layer at 512x512 on the 2-core development machine, a sixth of the whole training
-step. On the CPU in training mode, :func:`dropout` and :func:`relu_dropout_` instead use the native
-kernel of ``detr_variants._C`` (``ops/csrc/cpu/dropout_cpu.cpp``): element i is kept when a hash
-of (seed, i) clears a threshold, so the mask is drawn in parallel and vectorised (23 ms for that
-activation), and :func:`relu_dropout_` folds the FFN's ReLU into the same mask, in place.
+DETR encoder layer at 512x512 on the 2-core development machine; 14% of the training step went
+to that sampling. On the CPU in training mode, :func:`dropout` and :func:`relu_dropout_` use the
+native kernel of ``detr_variants._C`` instead (``ops/csrc/cpu/dropout_cpu.cpp``): element i is
+kept when a hash of (seed, i) clears a threshold, so the mask is drawn in parallel and vectorised
+(23 ms for that activation). :func:`relu_dropout_` folds the FFN's ReLU into the same mask, in
+place, and :func:`dropout` can add a residual in the same pass.
 
 The distribution is dropout's: each element kept independently with probability 1 - p (p rounded
 to a multiple of 2^-32) and scaled by 1 / (1 - p). The random stream differs from ``F.dropout``'s;
