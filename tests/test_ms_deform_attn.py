@@ -323,6 +323,18 @@ def test_module_fallback_matches_native(monkeypatch, ref_dim):
         assert (a - b).abs().max().item() <= F64_ABS
 
 
+def official_locations(mod, query, ref, shapes):
+    """The official sampling locations: 2-d references + offsets / (W_l, H_l); 4-d boxes + offsets
+    / P * wh / 2."""
+    N, Lq, _ = query.shape
+    M, L, P = mod.num_heads, mod.num_levels, mod.num_points
+    off = mod.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+    if ref.shape[-1] == 2:
+        wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(off.dtype)
+        return ref[:, :, None, :, None, :] + off / wh[None, None, None, :, None, :]
+    return ref[:, :, None, :, None, :2] + off / P * ref[:, :, None, :, None, 2:] * 0.5
+
+
 @pytest.mark.parametrize("ref_dim", [2, 4])
 def test_module_sampling_locations(monkeypatch, ref_dim):
     """The module computes the official sampling locations (2-d: offsets / (W_l, H_l); 4-d boxes:
@@ -340,13 +352,7 @@ def test_module_sampling_locations(monkeypatch, ref_dim):
     out = mod(*inputs)
     N, Lq, C = query.shape
     M, L, P = 4, 3, 2
-    off = mod.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-    if ref_dim == 2:
-        wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).double()
-        expected = ref[:, :, None, :, None, :] + off / wh[None, None, None, :, None, :]
-    else:
-        expected = ref[:, :, None, :, None, :2] + off / P * ref[:, :, None, :, None, 2:] * 0.5
-    assert torch.allclose(seen["loc"], expected, rtol=1e-14, atol=1e-15)
+    assert torch.allclose(seen["loc"], official_locations(mod, query, ref, shapes), rtol=1e-14, atol=1e-15)
     logits = mod.attention_weights(query).view(N, Lq, M, L * P)
     assert torch.allclose(seen["attn"], logits.softmax(-1).view(N, Lq, M, L, P), rtol=0, atol=1e-15)
     value = seen["value"]
@@ -369,12 +375,7 @@ def test_module_gradients_match_the_official_formula(ref_dim):
 
     def official():
         value = mod.value_proj(inp).masked_fill(mask[..., None], 0.0).view(N, -1, M, C // M)
-        off = mod.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-        if ref_dim == 2:
-            wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).double()
-            loc = ref[:, :, None, :, None, :] + off / wh[None, None, None, :, None, :]
-        else:
-            loc = ref[:, :, None, :, None, :2] + off / P * ref[:, :, None, :, None, 2:] * 0.5
+        loc = official_locations(mod, query, ref, shapes)
         attn = mod.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
         return mod.output_proj(ms_deform_attn_pytorch(value, shapes, lsi, loc, attn))
 
