@@ -33,12 +33,14 @@ class MultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` (same parameters and state dict) that, when training on the CPU
     with dropout, computes the attention with :func:`scaled_dot_product_attention`. Only the
     configuration the DETR layers use takes that path: batch-first, packed input projection,
-    no extra key/value biases, no attention weights returned; any other call is PyTorch's."""
+    no extra key/value biases, a boolean key padding mask if any, no attention weights returned;
+    any other call is PyTorch's."""
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None,
                 average_attn_weights: bool = True, is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         if (need_weights or attn_mask is not None or is_causal or not self.batch_first
+                or (key_padding_mask is not None and key_padding_mask.dtype != torch.bool)
                 or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn
                 or self.in_proj_bias is None or not native_dropout_applies(query, self.dropout, self.training)):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
