@@ -60,7 +60,8 @@ def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
 def dropout(x: Tensor, p: float, training: bool, residual: Optional[Tensor] = None) -> Tensor:
     """``F.dropout(x, p, training)``, plus ``residual`` if given (in the same pass when the native
     kernel runs: training on the CPU)."""
-    if native_dropout_applies(x, p, training) and (residual is None or residual.shape == x.shape):
+    if native_dropout_applies(x, p, training) and (
+            residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)):
         return _NativeDropout.apply(x, residual, p, False, False)
     out = F.dropout(x, p, training)
     return out if residual is None else residual + out
