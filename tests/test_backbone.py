@@ -79,14 +79,15 @@ def test_frozen_batchnorm_is_folded_into_the_convolutions_without_changing_the_f
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     results = []
     for model in (folded, plain):
-        for grad_enabled in (False, True):  # detectron2's FrozenBN takes another path under autograd
-            with torch.set_grad_enabled(grad_enabled):
-                out = model(x)
+        with torch.no_grad():  # detectron2's FrozenBN runs F.batch_norm here, x * s + t under autograd
+            inference = model(x)
+        out = model(x)
         trainable = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(sum(o.square().sum() for o in out.values()), trainable)
-        results.append((out, grads))
-    (out, grads), (out_ref, grads_ref) = results
+        results.append((inference, out, grads))
+    (inference, out, grads), (inference_ref, out_ref, grads_ref) = results
     for name in out:
+        torch.testing.assert_close(inference[name], inference_ref[name], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out[name], out_ref[name], rtol=1e-10, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)

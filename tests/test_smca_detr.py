@@ -261,6 +261,29 @@ def test_centre_prior_from_layer0_in_unpadded_cells_and_box_head(which, single, 
     layer; each level's size is the *unpadded* image size / stride; boxes are
     sigmoid(bbox_embed(h) + [centre logit, 0, 0]) in every layer. Tolerance 1e-5."""
     model = single if which == "single" else multi
+    seen, out, images = _capture_modulation(model, padded_batch())
+    query_pos = model.query_positions(2)
+    with torch.no_grad():
+        logits = model.decoder.center_head(model.decoder.layers[0].prior_norm(query_pos))
+    assert torch.allclose(seen["center"][0], logits, atol=1e-5)
+    strides = torch.tensor(model.strides, dtype=torch.float32)
+    expected_sizes = torch.tensor([[128.0, 96.0], [100.0, 80.0]])[:, None, :] / strides[None, :, None]
+    assert images.tensor.shape[-2:] == (96, 128)  # the second image is padded
+    for x, centers, level_sizes, shapes in seen["modulation"]:
+        assert torch.allclose(centers, logits.sigmoid(), atol=1e-5)
+        assert torch.allclose(level_sizes, expected_sizes, atol=1e-6)
+        assert len(shapes) == len(model.strides)
+    hs = seen["hs"][0]
+    delta = seen["bbox"][0]
+    boxes = torch.cat([delta[..., :2] + logits, delta[..., 2:]], -1).sigmoid()
+    assert torch.allclose(out["pred_boxes"], boxes[-1], atol=1e-5)
+    assert all(torch.allclose(a["pred_boxes"], b, atol=1e-5) for a, b in zip(out["aux_outputs"], boxes[:-1]))
+    assert torch.allclose(out["pred_logits"], model.class_embed(hs[-1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["single", "multi"])
+def test_synthetic_config_train_step_and_inference(which, single, multi):
+    model = single if which == "single" else multi
     set_prediction_train_step(model, padded_batch())
     layer = model.decoder.layers[1]
     params = [model.class_embed.weight, model.backbone.stem.conv1.weight, model.decoder.center_head.layers[0].weight,

@@ -6,7 +6,7 @@ on validation images.
     python tools/demo.py --output-dir output/demo [--config detr/detr_r18_synthetic] [key=value ...]
 
 The default is Deformable DETR, which beats DETR on synthetic_shapes (README). Its full
-700-iteration recipe takes about 2.75 s per iteration on 2 cores, so the demo trains it for 250
+700-iteration recipe takes about 2.2 s per iteration on 2 cores, so the demo trains it for 250
 iterations (the schedule is relative, so the lr drop stays at 80%) to keep training within 12
 minutes; `--config` runs any packaged config with its own iteration count.
 """

@@ -62,7 +62,7 @@ class PreprojectedAttention(nn.Module):
         q, k, v = (x.reshape(b, x.shape[1], self.num_heads, -1).transpose(1, 2) for x in (query, key, value))
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         out = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
-                                             dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.value_dim))
 
 

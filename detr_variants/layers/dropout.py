@@ -6,8 +6,8 @@ DETR encoder layer at 512x512 on the 2-core development machine; 14% of the trai
 to that sampling. On the CPU in training mode, :func:`dropout` and :func:`relu_dropout_` use the
 native kernel of ``detr_variants._C`` instead (``ops/csrc/cpu/dropout_cpu.cpp``): element i is
 kept when a hash of (seed, i) clears a threshold, so the mask is drawn in parallel and vectorised
-(23 ms for that activation). :func:`relu_dropout_` folds the FFN's ReLU into the same mask, in
-place, and :func:`dropout` can add a residual in the same pass.
+(20 ms for that activation, ``tools/bench_dropout.py``). :func:`relu_dropout_` folds the FFN's
+ReLU into the same mask, in place, and :func:`dropout` can add a residual in the same pass.
 
 The distribution is dropout's: each element kept independently with probability 1 - p (p rounded
 to a multiple of 2^-32) and scaled by 1 / (1 - p). The random stream differs from ``F.dropout``'s;

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import Function, once_differentiable
 
-logger = logging.getLogger(__name__)
-
 from detr_variants._native import IMPORT_ERROR as _C_IMPORT_ERROR
 from detr_variants._native import _C, graph_capture
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MultiScaleDeformableAttention",
