@@ -3,10 +3,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup test demo bench cuda-check clean
+.PHONY: setup lint format test demo bench cuda-check clean
 
 setup:
 	@bash tools/setup_env.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -3,6 +3,7 @@
 The CPU kernels are always compiled. The CUDA kernels are compiled when torch is a CUDA build
 and ``nvcc`` is found (CUDA_HOME), or when FORCE_CUDA=1.
 """
+
 import glob
 import os
 
@@ -12,14 +13,17 @@ try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as e:  # pragma: no cover - the build needs torch (use --no-build-isolation)
-    raise RuntimeError("detr_variants is built against the installed torch: "
-                       "pip install --no-build-isolation -e .") from e
+    raise RuntimeError(
+        "detr_variants is built against the installed torch: pip install --no-build-isolation -e ."
+    ) from e
 
 CSRC = os.path.join("ops", "csrc")
 
 
 def native_extensions():
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    sources = sorted(
+        glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+    )
     if not sources:
         return []
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
@@ -34,16 +38,37 @@ def native_extensions():
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             # torch derives the arch list from the visible GPUs and fails when there is none.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        nvcc = ["-O3", "--use_fast_math", "-std=c++20", "-DCUDA_HAS_FP16=1",
-                "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                "-D__CUDA_NO_HALF2_OPERATORS__"]
-        return [CUDAExtension(
-            "detr_variants._C", sources + cuda_sources, include_dirs=[os.path.abspath(CSRC)],
-            define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx + openmp, "nvcc": nvcc}, extra_link_args=openmp)]
-    return [CppExtension(
-        "detr_variants._C", sources, include_dirs=[os.path.abspath(CSRC)],
-        extra_compile_args={"cxx": cxx + openmp}, extra_link_args=openmp)]
+        nvcc = [
+            "-O3",
+            "--use_fast_math",
+            "-std=c++20",
+            "-DCUDA_HAS_FP16=1",
+            "-D__CUDA_NO_HALF_OPERATORS__",
+            "-D__CUDA_NO_HALF_CONVERSIONS__",
+            "-D__CUDA_NO_HALF2_OPERATORS__",
+        ]
+        return [
+            CUDAExtension(
+                "detr_variants._C",
+                sources + cuda_sources,
+                include_dirs=[os.path.abspath(CSRC)],
+                define_macros=[("WITH_CUDA", None)],
+                extra_compile_args={"cxx": cxx + openmp, "nvcc": nvcc},
+                extra_link_args=openmp,
+            )
+        ]
+    return [
+        CppExtension(
+            "detr_variants._C",
+            sources,
+            include_dirs=[os.path.abspath(CSRC)],
+            extra_compile_args={"cxx": cxx + openmp},
+            extra_link_args=openmp,
+        )
+    ]
 
 
-setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+setup(
+    ext_modules=native_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,4 +1,5 @@
 """The native extension ``detr_variants._C`` (built from ops/csrc); the package imports without it."""
+
 from typing import Optional
 
 import torch

@@ -4,6 +4,7 @@ Config paths are relative to the repository root, e.g.
 ``get_config("projects/detr/configs/detr_r18_synthetic.py")`` or the short form
 ``get_config("detr/detr_r18_synthetic")`` (project/name).
 """
+
 import os
 
 from detectron2.config import LazyConfig, instantiate
@@ -13,7 +14,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def config_path(name: str) -> str:
     """Absolute path of a packaged config; raises ``FileNotFoundError`` listing the choices."""
-    candidates = [name, os.path.join("projects", name.split("/")[0], "configs", *name.split("/")[1:])]
+    candidates = [
+        name,
+        os.path.join("projects", name.split("/")[0], "configs", *name.split("/")[1:]),
+    ]
     for rel in candidates:
         path = os.path.join(_ROOT, rel if rel.endswith(".py") else rel + ".py")
         if os.path.isfile(path):
@@ -28,7 +32,9 @@ def list_configs():
     for project in sorted(os.listdir(projects)) if os.path.isdir(projects) else []:
         folder = os.path.join(projects, project, "configs")
         if os.path.isdir(folder):
-            names += [f"{project}/{f[:-3]}" for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+            names += [
+                f"{project}/{f[:-3]}" for f in sorted(os.listdir(folder)) if f.endswith(".py")
+            ]
     return names
 
 

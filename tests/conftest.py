@@ -34,12 +34,18 @@ def tiny_shapes(tmp_path_factory):
 
     from detr_variants.data.synthetic import generate_synthetic_shapes
 
-    out = generate_synthetic_shapes(str(tmp_path_factory.mktemp("data") / "tiny"), num_train=16, num_val=6, seed=3)
+    out = generate_synthetic_shapes(
+        str(tmp_path_factory.mktemp("data") / "tiny"), num_train=16, num_val=6, seed=3
+    )
     for split in ("train", "val"):
         name = f"tiny_shapes_{split}"
         if name not in DatasetCatalog:
-            register_coco_instances(name, {}, os.path.join(out, "annotations", f"{split}.json"),
-                                    os.path.join(out, split))
+            register_coco_instances(
+                name,
+                {},
+                os.path.join(out, "annotations", f"{split}.json"),
+                os.path.join(out, split),
+            )
     return out
 
 
@@ -52,5 +58,7 @@ def tiny_cfg(tiny_shapes, tmp_path):
     cfg = get_config("detr/detr_r18_synthetic")
     from helpers import tiny_run_overrides
 
-    return apply_overrides(cfg, ["model.encoder.num_layers=1", "model.decoder.num_layers=2",
-                                 *tiny_run_overrides(tmp_path)])
+    return apply_overrides(
+        cfg,
+        ["model.encoder.num_layers=1", "model.decoder.num_layers=2", *tiny_run_overrides(tmp_path)],
+    )

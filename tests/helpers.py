@@ -1,4 +1,5 @@
 """Small builders shared by the tests."""
+
 import torch
 from detectron2.structures import Boxes, Instances
 
@@ -19,20 +20,31 @@ def tiny_config(cfg):
     """Shrinks an experiment config's transformer so a CPU step takes well under a second."""
     from detr_variants.engine.train_loop import apply_overrides
 
-    return apply_overrides(cfg, ["model.backbone.depth=18", "model.backbone.norm=BN", "model.backbone.freeze_at=0"])
+    return apply_overrides(
+        cfg, ["model.backbone.depth=18", "model.backbone.norm=BN", "model.backbone.freeze_at=0"]
+    )
 
 
 def tiny_run_overrides(output_dir) -> list:
     """Overrides that shrink a *_r18_synthetic config to seconds on the tiny_shapes datasets."""
     return [
-        "dataloader.train.dataset.names=tiny_shapes_train", "dataloader.test.dataset.names=tiny_shapes_val",
-        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.train.mapper.augmentations.min_sizes=[64]", "dataloader.train.mapper.augmentations.max_size=96",
+        "dataloader.train.dataset.names=tiny_shapes_train",
+        "dataloader.test.dataset.names=tiny_shapes_val",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.mapper.augmentations.min_sizes=[64]",
+        "dataloader.train.mapper.augmentations.max_size=96",
         "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
         "dataloader.train.mapper.augmentations.crop_size=[48,64]",
-        "dataloader.test.mapper.augmentations.min_size=64", "dataloader.test.mapper.augmentations.max_size=96",
-        f"train.output_dir={output_dir}", "train.max_iter=4", "train.log_period=1", "train.eval_period=-1",
-        "train.checkpointer.period=2", "train.seed=0",
+        "dataloader.test.mapper.augmentations.min_size=64",
+        "dataloader.test.mapper.augmentations.max_size=96",
+        f"train.output_dir={output_dir}",
+        "train.max_iter=4",
+        "train.log_period=1",
+        "train.eval_period=-1",
+        "train.checkpointer.period=2",
+        "train.seed=0",
     ]
 
 
@@ -81,11 +93,15 @@ def to_official_detr_names(state_dict, rules, class_rows=91, class_copies=("",))
     from detr_variants.checkpoint import COCO_THING_IDS
     from detr_variants.checkpoint.convert import torchvision_resnet_name
 
-    tv = {torchvision_resnet_name(k): k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
+    tv = {
+        torchvision_resnet_name(k): k
+        for k in torchvision.models.resnet50().state_dict()
+        if not k.startswith("fc.")
+    }
     out = {}
     for name, value in state_dict.items():
         if name.startswith("backbone."):
-            out["backbone.0.body." + tv[name[len("backbone."):]]] = value
+            out["backbone.0.body." + tv[name[len("backbone.") :]]] = value
         elif name.startswith("class_embed."):
             full = torch.randn(class_rows, *value.shape[1:])
             full[torch.as_tensor(COCO_THING_IDS)] = value

@@ -2,10 +2,10 @@ import pickle
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
 
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.backbone import feature_masks, make_resnet
-from detectron2.config import instantiate
 
 
 def test_loads_a_detectron2_model_zoo_style_checkpoint(tmp_path):
@@ -64,22 +64,36 @@ def test_frozen_batchnorm_is_folded_into_the_convolutions_without_changing_the_f
 
     from detr_variants.modeling.backbone import FrozenBNConv2d
 
-    folded = make_resnet(depth=18, out_features=["res4", "res5"], norm="FrozenBN", freeze_at=2).double()
-    plain = make_resnet(depth=18, out_features=["res4", "res5"], norm="FrozenBN", freeze_at=2).double()
+    folded = make_resnet(
+        depth=18, out_features=["res4", "res5"], norm="FrozenBN", freeze_at=2
+    ).double()
+    plain = make_resnet(
+        depth=18, out_features=["res4", "res5"], norm="FrozenBN", freeze_at=2
+    ).double()
     for m in plain.modules():
         if type(m) is FrozenBNConv2d:
             m.__class__ = Conv2d  # undo the fold: detectron2's own forward
-    assert not any(type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d) for m in folded.modules())
+    assert not any(
+        type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d) for m in folded.modules()
+    )
     assert list(folded.state_dict()) == list(plain.state_dict())
     torch.manual_seed(0)
-    state = {k: torch.rand_like(v) + 0.5 if k.endswith("running_var") else
-             torch.randn_like(v) * 0.1 if ".norm." in k else v for k, v in folded.state_dict().items()}
+    state = {
+        k: torch.rand_like(v) + 0.5
+        if k.endswith("running_var")
+        else torch.randn_like(v) * 0.1
+        if ".norm." in k
+        else v
+        for k, v in folded.state_dict().items()
+    }
     folded.load_state_dict(state)
     plain.load_state_dict(state)
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     results = []
     for model in (folded, plain):
-        with torch.no_grad():  # detectron2's FrozenBN runs F.batch_norm here, x * s + t under autograd
+        with (
+            torch.no_grad()
+        ):  # detectron2's FrozenBN runs F.batch_norm here, x * s + t under autograd
             inference = model(x)
         out = model(x)
         trainable = [p for p in model.parameters() if p.requires_grad]

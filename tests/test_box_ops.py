@@ -1,15 +1,22 @@
 import pytest
 import torch
 
-from detr_variants.layers.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou,
-                                          inverse_sigmoid)
+from detr_variants.layers.box_ops import (
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    inverse_sigmoid,
+)
 
 
 def test_cxcywh_xyxy_round_trip():
     torch.manual_seed(0)
     boxes = torch.rand(50, 4)
     assert torch.allclose(box_xyxy_to_cxcywh(box_cxcywh_to_xyxy(boxes)), boxes, atol=1e-6)
-    assert torch.equal(box_cxcywh_to_xyxy(torch.tensor([0.5, 0.5, 0.2, 0.4])), torch.tensor([0.4, 0.3, 0.6, 0.7]))
+    assert torch.equal(
+        box_cxcywh_to_xyxy(torch.tensor([0.5, 0.5, 0.2, 0.4])), torch.tensor([0.4, 0.3, 0.6, 0.7])
+    )
 
 
 def test_giou_known_values():

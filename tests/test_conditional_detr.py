@@ -1,4 +1,5 @@
 """Conditional DETR: numerical equivalence with HF transformers, converters, configs, decoder details."""
+
 import math
 
 import pytest
@@ -10,16 +11,29 @@ from torch import nn
 from detr_variants.checkpoint import COCO_THING_IDS, Checkpointer, convert_checkpoint
 from detr_variants.checkpoint.hf_resnet import hf_resnet_name
 from detr_variants.layers import PositionEmbeddingSine, TransformerEncoder, TransformerEncoderLayer
-from detr_variants.layers.conditional_attention import (ConditionalDecoder, ConditionalDecoderLayer,
-                                                        PreprojectedAttention, concat_per_head)
+from detr_variants.layers.conditional_attention import (
+    ConditionalDecoder,
+    ConditionalDecoderLayer,
+    PreprojectedAttention,
+    concat_per_head,
+)
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling import HungarianMatcher, SetCriterion, make_resnet
 from detr_variants.modeling.meta_arch.conditional_detr import ConditionalDETR
-from helpers import image_input, set_prediction_train_step, tiny_run_overrides, train_and_evaluate_tiny
+from helpers import (
+    image_input,
+    set_prediction_train_step,
+    tiny_run_overrides,
+    train_and_evaluate_tiny,
+)
 
 SYNTHETIC = "conditional_detr/conditional_detr_r18_synthetic"
-COCO_CONFIGS = ["conditional_detr_r50_50ep", "conditional_detr_dc5_r50_50ep", "conditional_detr_r101_50ep",
-                "conditional_detr_dc5_r101_50ep"]
+COCO_CONFIGS = [
+    "conditional_detr_r50_50ep",
+    "conditional_detr_dc5_r50_50ep",
+    "conditional_detr_r101_50ep",
+    "conditional_detr_dc5_r101_50ep",
+]
 
 
 def build_synthetic(**overrides):
@@ -58,15 +72,22 @@ def test_registered_heads_and_init(model):
     assert META_ARCH_REGISTRY.get("ConditionalDETR") is ConditionalDETR
     assert model.class_score == "sigmoid" and model.test_topk == 100
     assert model.class_embed.out_features == model.num_classes  # sigmoid: no no-object class
-    assert torch.allclose(model.class_embed.bias, torch.full_like(model.class_embed.bias, -math.log(99)))
-    assert model.bbox_embed.layers[-1].weight.abs().sum() == 0 and model.bbox_embed.layers[-1].bias.abs().sum() == 0
+    assert torch.allclose(
+        model.class_embed.bias, torch.full_like(model.class_embed.bias, -math.log(99))
+    )
+    assert (
+        model.bbox_embed.layers[-1].weight.abs().sum() == 0
+        and model.bbox_embed.layers[-1].bias.abs().sum() == 0
+    )
     assert isinstance(model.input_proj, nn.Conv2d) and model.input_proj.kernel_size == (1, 1)
     layers = model.decoder.layers
     assert layers[0].ca_qpos_proj is not None
     assert all(layer.ca_qpos_proj is None for layer in layers[1:])
     assert not any("layers.1.ca_qpos_proj" in k for k in model.state_dict())
     assert model.decoder.ref_point_head.layers[-1].out_features == 2
-    assert model.criterion.matcher.class_cost_type == "focal" and model.criterion.class_loss == "focal"
+    assert (
+        model.criterion.matcher.class_cost_type == "focal" and model.criterion.class_loss == "focal"
+    )
 
 
 @pytest.mark.parametrize("name", COCO_CONFIGS)
@@ -77,9 +98,16 @@ def test_coco_configs_follow_the_official_recipe(name):
     assert cfg.model.num_queries == 300 and cfg.model.num_classes == 80
     assert cfg.model.decoder.num_layers == 6 and cfg.model.encoder.num_layers == 6
     assert cfg.model.decoder.layer.dim_feedforward == 2048
-    assert cfg.model.criterion.weight_dict == {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-    assert (cfg.model.criterion.matcher.cost_class, cfg.model.criterion.matcher.cost_bbox,
-            cfg.model.criterion.matcher.cost_giou) == (2.0, 5.0, 2.0)
+    assert cfg.model.criterion.weight_dict == {
+        "loss_class": 2.0,
+        "loss_bbox": 5.0,
+        "loss_giou": 2.0,
+    }
+    assert (
+        cfg.model.criterion.matcher.cost_class,
+        cfg.model.criterion.matcher.cost_bbox,
+        cfg.model.criterion.matcher.cost_giou,
+    ) == (2.0, 5.0, 2.0)
     assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 1e-4
     assert cfg.optimizer.params.lr_multipliers == {"backbone": 0.1}
     assert cfg.train.epochs == 50 and cfg.train.clip_grad.max_norm == 0.1
@@ -106,12 +134,19 @@ def test_synthetic_config_matches_detr_synthetic():
 
 
 def test_train_step_gives_finite_losses_and_gradients(model):
-    batch = [image_input(96, 128, [[10, 10, 60, 50], [30, 40, 90, 90]], [1, 4], seed=0),
-             image_input(80, 100, [], [], seed=1)]  # an image without objects
+    batch = [
+        image_input(96, 128, [[10, 10, 60, 50], [30, 40, 90, 90]], [1, 4], seed=0),
+        image_input(80, 100, [], [], seed=1),
+    ]  # an image without objects
     set_prediction_train_step(model, batch)
     decoder = model.decoder
-    for p in (model.class_embed.weight, model.backbone.stem.conv1.weight, decoder.ref_point_head.layers[0].weight,
-              decoder.query_scale.layers[0].weight, decoder.layers[0].ca_qpos_proj.weight):
+    for p in (
+        model.class_embed.weight,
+        model.backbone.stem.conv1.weight,
+        decoder.ref_point_head.layers[0].weight,
+        decoder.query_scale.layers[0].weight,
+        decoder.layers[0].ca_qpos_proj.weight,
+    ):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
@@ -124,15 +159,19 @@ def test_eval_returns_top100_instances_in_original_coordinates(model):
     assert out.image_size == (192, 256) and len(out) == 100
     assert out.pred_boxes.tensor[:, 2].max() <= 256 and out.pred_boxes.tensor[:, 3].max() <= 192
     assert (out.pred_classes < model.num_classes).all()
-    assert ((out.scores >= 0) & (out.scores <= 1)).all() and (out.scores[:-1] >= out.scores[1:]).all()
+    assert ((out.scores >= 0) & (out.scores <= 1)).all() and (
+        out.scores[:-1] >= out.scores[1:]
+    ).all()
 
 
 def test_synthetic_config_trains_and_evaluates_through_the_engine(tiny_shapes, tmp_path):
     """Two CPU iterations of the synthetic recipe on the tiny dataset, then COCO evaluation."""
     from detr_variants.engine.train_loop import apply_overrides
 
-    cfg = apply_overrides(get_config(SYNTHETIC), [
-        "model.encoder.num_layers=1", "model.decoder.num_layers=2", *tiny_run_overrides(tmp_path)])
+    cfg = apply_overrides(
+        get_config(SYNTHETIC),
+        ["model.encoder.num_layers=1", "model.decoder.num_layers=2", *tiny_run_overrides(tmp_path)],
+    )
     train_and_evaluate_tiny(cfg, tmp_path)
 
 
@@ -142,12 +181,23 @@ def _capture(model, image):
     seen = {"layer": [], "out": [], "cross": [], "ca_q_in": []}
     hooks = []
     for layer in model.decoder.layers:
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, kw: seen["layer"].append({**dict(zip(("tgt", "memory"), a)), **kw}), with_kwargs=True))
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, kw: seen["layer"].append({**dict(zip(("tgt", "memory"), a)), **kw}),
+                with_kwargs=True,
+            )
+        )
         hooks.append(layer.register_forward_hook(lambda m, a, out: seen["out"].append(out)))
-        hooks.append(layer.cross_attn.register_forward_pre_hook(
-            lambda m, a, kw: seen["cross"].append((a, kw)), with_kwargs=True))
-        hooks.append(layer.ca_qcontent_proj.register_forward_pre_hook(lambda m, a: seen["ca_q_in"].append(a[0])))
+        hooks.append(
+            layer.cross_attn.register_forward_pre_hook(
+                lambda m, a, kw: seen["cross"].append((a, kw)), with_kwargs=True
+            )
+        )
+        hooks.append(
+            layer.ca_qcontent_proj.register_forward_pre_hook(
+                lambda m, a: seen["ca_q_in"].append(a[0])
+            )
+        )
     model.eval()
     with torch.no_grad():
         model([image])
@@ -168,7 +218,9 @@ def test_spatial_query_is_sine_of_fixed_reference_scaled_by_query_scale(model):
         for i in range(1, len(model.decoder.layers)):
             expected = plain * model.decoder.query_scale(seen["out"][i - 1])
             assert torch.allclose(seen["layer"][i]["query_sine_embed"], expected, atol=1e-5)
-            assert seen["layer"][i]["query_pos"] is query_pos  # the reference point is never refined
+            assert (
+                seen["layer"][i]["query_pos"] is query_pos
+            )  # the reference point is never refined
 
 
 def test_cross_attention_concatenates_content_and_spatial_per_head(model):
@@ -181,7 +233,10 @@ def test_cross_attention_concatenates_content_and_spatial_per_head(model):
             (q, k, v), kw = seen["cross"][i]
             b, nq, ns = q.shape[0], q.shape[1], k.shape[1]
             assert q.shape == (b, nq, 2 * d) and k.shape == (b, ns, 2 * d) and v.shape == (b, ns, d)
-            assert layer.cross_attn.head_dim == 2 * d // h and layer.cross_attn.value_dim // h == d // h
+            assert (
+                layer.cross_attn.head_dim == 2 * d // h
+                and layer.cross_attn.value_dim // h == d // h
+            )
             assert layer.cross_attn.scaling == pytest.approx((2 * d / h) ** -0.5)
             inputs = seen["layer"][i]
             q_content = layer.ca_qcontent_proj(seen["ca_q_in"][i])
@@ -193,9 +248,9 @@ def test_cross_attention_concatenates_content_and_spatial_per_head(model):
             q_heads, k_heads = q.view(b, nq, h, 2 * d // h), k.view(b, ns, h, 2 * d // h)
             assert torch.allclose(q_heads[..., : d // h], q_content.view(b, nq, h, -1), atol=1e-5)
             spatial = layer.ca_qpos_sine_proj(inputs["query_sine_embed"])
-            assert torch.allclose(q_heads[..., d // h:], spatial.view(b, nq, h, -1), atol=1e-5)
+            assert torch.allclose(q_heads[..., d // h :], spatial.view(b, nq, h, -1), atol=1e-5)
             assert torch.allclose(k_heads[..., : d // h], k_content.view(b, ns, h, -1), atol=1e-5)
-            assert torch.allclose(k_heads[..., d // h:], k_pos.view(b, ns, h, -1), atol=1e-5)
+            assert torch.allclose(k_heads[..., d // h :], k_pos.view(b, ns, h, -1), atol=1e-5)
 
 
 def test_preprojected_attention_matches_explicit_formula():
@@ -204,12 +259,16 @@ def test_preprojected_attention_matches_explicit_formula():
     attn = PreprojectedAttention(16, 2, value_dim=8).eval()
     q, k, v = torch.randn(2, 3, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 8)
     mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
-    logits = torch.einsum("bqhe,bshe->bhqs", q.view(2, 3, 2, 8), k.view(2, 5, 2, 8)) * 8 ** -0.5
+    logits = torch.einsum("bqhe,bshe->bhqs", q.view(2, 3, 2, 8), k.view(2, 5, 2, 8)) * 8**-0.5
     weights = logits.masked_fill(mask[:, None, None], float("-inf")).softmax(-1)
-    expected = attn.out_proj(torch.einsum("bhqs,bshe->bqhe", weights, v.view(2, 5, 2, 4)).reshape(2, 3, 8))
+    expected = attn.out_proj(
+        torch.einsum("bhqs,bshe->bqhe", weights, v.view(2, 5, 2, 4)).reshape(2, 3, 8)
+    )
     assert torch.allclose(attn(q, k, v, key_padding_mask=mask), expected, atol=1e-5)
     content, spatial = torch.arange(8.0).view(1, 8), -torch.arange(8.0).view(1, 8)
-    assert concat_per_head(content, spatial, 2).tolist() == [[0, 1, 2, 3, -0, -1, -2, -3, 4, 5, 6, 7, -4, -5, -6, -7]]
+    assert concat_per_head(content, spatial, 2).tolist() == [
+        [0, 1, 2, 3, -0, -1, -2, -3, 4, 5, 6, 7, -4, -5, -6, -7]
+    ]
 
 
 # ------------------------------------------------------------------ HF transformers equivalence
@@ -225,7 +284,11 @@ def _randomise_(state_dict, seed=1):
             continue
         if "normalization" in key or key.endswith(("running_mean", "running_var")):
             positive = key.endswith(("running_var", "weight"))
-            v.copy_(torch.rand(v.shape, generator=g) + 0.5 if positive else torch.randn(v.shape, generator=g) * 0.1)
+            v.copy_(
+                torch.rand(v.shape, generator=g) + 0.5
+                if positive
+                else torch.randn(v.shape, generator=g) * 0.1
+            )
         elif v.dim() == 4:
             v.copy_(torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5)
         elif "query_position_embeddings" in key:
@@ -233,19 +296,36 @@ def _randomise_(state_dict, seed=1):
         elif v.dim() == 2:
             v.copy_(torch.randn(v.shape, generator=g) / v.shape[1] ** 0.5)
         else:
-            offset = 1.0 if "norm" in key and key.endswith("weight") else 0.0  # LayerNorm scales around 1
+            offset = (
+                1.0 if "norm" in key and key.endswith("weight") else 0.0
+            )  # LayerNorm scales around 1
             v.copy_(torch.randn(v.shape, generator=g) * 0.2 + offset)
 
 
 @pytest.fixture(scope="module")
 def hf_model():
     transformers = pytest.importorskip("transformers")
-    backbone = transformers.ResNetConfig(depths=[2, 2, 2, 2], layer_type="basic", hidden_sizes=[64, 128, 256, 512],
-                                         embedding_size=64, out_features=["stage4"])
+    backbone = transformers.ResNetConfig(
+        depths=[2, 2, 2, 2],
+        layer_type="basic",
+        hidden_sizes=[64, 128, 256, 512],
+        embedding_size=64,
+        out_features=["stage4"],
+    )
     config = transformers.ConditionalDetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, d_model=D,
-        encoder_layers=2, decoder_layers=3, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS, num_queries=QUERIES, num_labels=LABELS)
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        backbone_config=backbone,
+        d_model=D,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_ffn_dim=FFN,
+        decoder_ffn_dim=FFN,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        num_queries=QUERIES,
+        num_labels=LABELS,
+    )
     torch.manual_seed(0)
     model = transformers.ConditionalDetrForObjectDetection(config).eval()
     with torch.no_grad():
@@ -260,22 +340,35 @@ def ours_like_hf(num_classes=LABELS):
         encoder=TransformerEncoder(TransformerEncoderLayer(D, HEADS, FFN), 2),
         decoder=ConditionalDecoder(ConditionalDecoderLayer(D, HEADS, FFN), 3, norm=nn.LayerNorm(D)),
         position_embedding=PositionEmbeddingSine(D // 2, normalize=True),
-        num_queries=QUERIES, hidden_dim=D, num_classes=num_classes,
-        criterion=SetCriterion(num_classes=num_classes, matcher=HungarianMatcher(class_cost_type="focal"),
-                               weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}),
-        pixel_mean=[0.0, 0.0, 0.0], pixel_std=[1.0, 1.0, 1.0]).eval()
+        num_queries=QUERIES,
+        hidden_dim=D,
+        num_classes=num_classes,
+        criterion=SetCriterion(
+            num_classes=num_classes,
+            matcher=HungarianMatcher(class_cost_type="focal"),
+            weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+        ),
+        pixel_mean=[0.0, 0.0, 0.0],
+        pixel_std=[1.0, 1.0, 1.0],
+    ).eval()
 
 
 def load_strict(model, state_dict):
     """Loads through detectron2's checkpointer; shape mismatches or missing keys raise."""
     incompatible = Checkpointer(model, strict=True)._load_model({"model": dict(state_dict)})
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+    assert (
+        not incompatible.missing_keys
+        and not incompatible.unexpected_keys
+        and not incompatible.incorrect_shapes
+    )
     return model
 
 
 def test_matches_hf_transformers_on_a_padded_batch(hf_model):
     """Same weights, same normalised padded pixels and mask: logits and boxes agree to 1e-4 (abs)."""
-    ours = load_strict(ours_like_hf(), convert_checkpoint(hf_model.state_dict(), "hf", "conditional_detr"))
+    ours = load_strict(
+        ours_like_hf(), convert_checkpoint(hf_model.state_dict(), "hf", "conditional_detr")
+    )
     g = torch.Generator().manual_seed(2)
     sizes = [(96, 160), (128, 100)]  # two shapes: each image has padding on a different side
     pixels = torch.zeros(2, 3, 128, 160)
@@ -290,19 +383,40 @@ def test_matches_hf_transformers_on_a_padded_batch(hf_model):
     assert theirs.pred_boxes.std() > 0.05 and theirs.logits.std() > 0.1  # non-trivial outputs
     assert torch.allclose(mine["pred_logits"], theirs.logits, atol=1e-4, rtol=0)
     assert torch.allclose(mine["pred_boxes"], theirs.pred_boxes, atol=1e-4, rtol=0)
-    assert (unmasked["pred_logits"] - theirs.logits).abs().max() > 1e-2  # the padding mask matters here
+    assert (
+        unmasked["pred_logits"] - theirs.logits
+    ).abs().max() > 1e-2  # the padding mask matters here
 
 
 def _legacy_hf_names(state_dict):
     """transformers <= 4.x names (the hub checkpoints' layout) from the current ones."""
     import re
 
-    renames = [(r"^model\.backbone\.model\.", "model.backbone.conv_encoder.model."), (r"\.o_proj\.", ".out_proj."),
-               (r"\.mlp\.fc", ".fc")]
-    for ours, hf in [("qcontent", "q_content"), ("qpos", "q_pos"), ("kcontent", "k_content"), ("kpos", "k_pos"),
-                     ("v", "v"), ("qpos_sine", "q_pos_sine")]:
-        renames.append((rf"decoder\.layers\.(\d+)\.self_attn\.{hf}_proj\.", rf"decoder.layers.\1.sa_{ours}_proj."))
-        renames.append((rf"decoder\.layers\.(\d+)\.encoder_attn\.{hf}_proj\.", rf"decoder.layers.\1.ca_{ours}_proj."))
+    renames = [
+        (r"^model\.backbone\.model\.", "model.backbone.conv_encoder.model."),
+        (r"\.o_proj\.", ".out_proj."),
+        (r"\.mlp\.fc", ".fc"),
+    ]
+    for ours, hf in [
+        ("qcontent", "q_content"),
+        ("qpos", "q_pos"),
+        ("kcontent", "k_content"),
+        ("kpos", "k_pos"),
+        ("v", "v"),
+        ("qpos_sine", "q_pos_sine"),
+    ]:
+        renames.append(
+            (
+                rf"decoder\.layers\.(\d+)\.self_attn\.{hf}_proj\.",
+                rf"decoder.layers.\1.sa_{ours}_proj.",
+            )
+        )
+        renames.append(
+            (
+                rf"decoder\.layers\.(\d+)\.encoder_attn\.{hf}_proj\.",
+                rf"decoder.layers.\1.ca_{ours}_proj.",
+            )
+        )
     out = {}
     for key, value in state_dict.items():
         for pattern, repl in renames:
@@ -317,7 +431,9 @@ def test_hf_converter_reads_legacy_names_and_coco_heads(hf_model):
     legacy_sd = _legacy_hf_names(sd)
     assert "model.decoder.layers.0.sa_qcontent_proj.weight" in legacy_sd
     legacy = convert_checkpoint(legacy_sd, "hf", "conditional_detr")
-    assert current.keys() == legacy.keys() and all(torch.equal(current[k], legacy[k]) for k in current)
+    assert current.keys() == legacy.keys() and all(
+        torch.equal(current[k], legacy[k]) for k in current
+    )
 
     # The hub's COCO head: 91 labels indexed by COCO id → detectron2's 80 contiguous classes.
     coco = dict(sd)
@@ -328,7 +444,9 @@ def test_hf_converter_reads_legacy_names_and_coco_heads(hf_model):
     assert out["class_embed.weight"][:, 0].tolist() == [float(i) for i in COCO_THING_IDS]
     load_strict(ours_like_hf(num_classes=80), out)
     with pytest.raises(KeyError, match="not understood"):
-        convert_checkpoint({**sd, "model.something_else.weight": torch.zeros(1)}, "hf", "conditional_detr")
+        convert_checkpoint(
+            {**sd, "model.something_else.weight": torch.zeros(1)}, "hf", "conditional_detr"
+        )
 
 
 def test_hf_resnet_names_and_computation_match_detectron2_resnet50():
@@ -344,7 +462,9 @@ def test_hf_resnet_names_and_computation_match_detectron2_resnet50():
     d2 = make_resnet(depth=50, norm="FrozenBN", freeze_at=0).eval()
     assert None not in mapped and len(mapped) == len(hf_sd)
     assert set(mapped) == set(d2.state_dict())
-    assert all(hf_resnet_name("model.backbone.model." + k) == hf_resnet_name(k) for k in hf_sd)  # prefixes ignored
+    assert all(
+        hf_resnet_name("model.backbone.model." + k) == hf_resnet_name(k) for k in hf_sd
+    )  # prefixes ignored
     d2.load_state_dict(mapped)
     # float64: with random BatchNorm statistics res5 reaches 5e4, and make_resnet folds
     # the frozen BatchNorm into the convolutions, so float32 rounding would differ by ~0.1
@@ -360,31 +480,67 @@ def official_state_dict(d=256, ffn=1024, enc=3, dec=3, queries=50, classes=91):
     model, from random tensors of the official shapes."""
     import torchvision
 
-    sd = {f"backbone.0.body.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()
-          if not k.startswith("fc.") and "num_batches_tracked" not in k}
+    sd = {
+        f"backbone.0.body.{k}": v
+        for k, v in torchvision.models.resnet18().state_dict().items()
+        if not k.startswith("fc.") and "num_batches_tracked" not in k
+    }
     lin = lambda prefix, i, o: {f"{prefix}.weight": (o, i), f"{prefix}.bias": (o,)}  # noqa: E731
     ln = lambda prefix: {f"{prefix}.weight": (d,), f"{prefix}.bias": (d,)}  # noqa: E731
-    shapes = {"input_proj.weight": (d, 512, 1, 1), "input_proj.bias": (d,), "query_embed.weight": (queries, d),
-              **lin("class_embed", d, classes), **lin("bbox_embed.layers.0", d, d),
-              **lin("bbox_embed.layers.1", d, d), **lin("bbox_embed.layers.2", d, 4), **ln("transformer.decoder.norm"),
-              **lin("transformer.decoder.query_scale.layers.0", d, d),
-              **lin("transformer.decoder.query_scale.layers.1", d, d),
-              **lin("transformer.decoder.ref_point_head.layers.0", d, d),
-              **lin("transformer.decoder.ref_point_head.layers.1", d, 2)}
+    shapes = {
+        "input_proj.weight": (d, 512, 1, 1),
+        "input_proj.bias": (d,),
+        "query_embed.weight": (queries, d),
+        **lin("class_embed", d, classes),
+        **lin("bbox_embed.layers.0", d, d),
+        **lin("bbox_embed.layers.1", d, d),
+        **lin("bbox_embed.layers.2", d, 4),
+        **ln("transformer.decoder.norm"),
+        **lin("transformer.decoder.query_scale.layers.0", d, d),
+        **lin("transformer.decoder.query_scale.layers.1", d, d),
+        **lin("transformer.decoder.ref_point_head.layers.0", d, d),
+        **lin("transformer.decoder.ref_point_head.layers.1", d, 2),
+    }
     for i in range(enc):
         p = f"transformer.encoder.layers.{i}"
-        shapes.update({f"{p}.self_attn.in_proj_weight": (3 * d, d), f"{p}.self_attn.in_proj_bias": (3 * d,),
-                       **lin(f"{p}.self_attn.out_proj", d, d), **lin(f"{p}.linear1", d, ffn),
-                       **lin(f"{p}.linear2", ffn, d), **ln(f"{p}.norm1"), **ln(f"{p}.norm2")})
+        shapes.update(
+            {
+                f"{p}.self_attn.in_proj_weight": (3 * d, d),
+                f"{p}.self_attn.in_proj_bias": (3 * d,),
+                **lin(f"{p}.self_attn.out_proj", d, d),
+                **lin(f"{p}.linear1", d, ffn),
+                **lin(f"{p}.linear2", ffn, d),
+                **ln(f"{p}.norm1"),
+                **ln(f"{p}.norm2"),
+            }
+        )
     for i in range(dec):
         p = f"transformer.decoder.layers.{i}"
-        projections = ["sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj",
-                       "ca_qcontent_proj", "ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj", "ca_qpos_sine_proj",
-                       "self_attn.out_proj", "cross_attn.out_proj"] + (["ca_qpos_proj"] if i == 0 else [])
+        projections = [
+            "sa_qcontent_proj",
+            "sa_qpos_proj",
+            "sa_kcontent_proj",
+            "sa_kpos_proj",
+            "sa_v_proj",
+            "ca_qcontent_proj",
+            "ca_kcontent_proj",
+            "ca_kpos_proj",
+            "ca_v_proj",
+            "ca_qpos_sine_proj",
+            "self_attn.out_proj",
+            "cross_attn.out_proj",
+        ] + (["ca_qpos_proj"] if i == 0 else [])
         for name in projections:
             shapes.update(lin(f"{p}.{name}", d, d))
-        shapes.update({**lin(f"{p}.linear1", d, ffn), **lin(f"{p}.linear2", ffn, d), **ln(f"{p}.norm1"),
-                       **ln(f"{p}.norm2"), **ln(f"{p}.norm3")})
+        shapes.update(
+            {
+                **lin(f"{p}.linear1", d, ffn),
+                **lin(f"{p}.linear2", ffn, d),
+                **ln(f"{p}.norm1"),
+                **ln(f"{p}.norm2"),
+                **ln(f"{p}.norm3"),
+            }
+        )
     g = torch.Generator().manual_seed(0)
     sd.update({k: torch.randn(s, generator=g) for k, s in shapes.items()})
     sd["class_embed.bias"] = torch.arange(float(classes))
@@ -394,13 +550,24 @@ def official_state_dict(d=256, ffn=1024, enc=3, dec=3, queries=50, classes=91):
 def test_official_converter_loads_without_missing_or_unexpected_keys():
     official = official_state_dict()
     converted = convert_checkpoint({"model": official}, "official", "conditional_detr")
-    model = load_strict(build_synthetic(**{"backbone.norm": "FrozenBN", "num_classes": 80}), converted)
-    assert model.class_embed.bias.tolist() == [float(i) for i in COCO_THING_IDS]  # 91 COCO ids → 80 rows
-    assert torch.equal(model.decoder.layers[0].ca_qpos_proj.weight,
-                       official["transformer.decoder.layers.0.ca_qpos_proj.weight"])
-    assert torch.equal(model.encoder.layers[2].ffn.norm.weight, official["transformer.encoder.layers.2.norm2.weight"])
-    assert torch.equal(model.backbone.res3[0].shortcut.norm.running_var,
-                       official["backbone.0.body.layer2.0.downsample.1.running_var"])
+    model = load_strict(
+        build_synthetic(**{"backbone.norm": "FrozenBN", "num_classes": 80}), converted
+    )
+    assert model.class_embed.bias.tolist() == [
+        float(i) for i in COCO_THING_IDS
+    ]  # 91 COCO ids → 80 rows
+    assert torch.equal(
+        model.decoder.layers[0].ca_qpos_proj.weight,
+        official["transformer.decoder.layers.0.ca_qpos_proj.weight"],
+    )
+    assert torch.equal(
+        model.encoder.layers[2].ffn.norm.weight,
+        official["transformer.encoder.layers.2.norm2.weight"],
+    )
+    assert torch.equal(
+        model.backbone.res3[0].shortcut.norm.running_var,
+        official["backbone.0.body.layer2.0.downsample.1.running_var"],
+    )
     # A head trained for another class count is kept as it is.
     custom = convert_checkpoint(official_state_dict(classes=6), "official", "conditional_detr")
     load_strict(build_synthetic(**{"backbone.norm": "FrozenBN"}), custom)

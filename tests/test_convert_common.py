@@ -2,8 +2,13 @@ import pytest
 import torch
 
 from detr_variants.checkpoint import COCO_THING_IDS, convert_checkpoint
-from detr_variants.checkpoint.convert import (OFFICIAL_ENCODER_LAYER, coco_class_rows, convert_official_detr_layout,
-                                             layer_tables, torchvision_resnet_name)
+from detr_variants.checkpoint.convert import (
+    OFFICIAL_ENCODER_LAYER,
+    coco_class_rows,
+    convert_official_detr_layout,
+    layer_tables,
+    torchvision_resnet_name,
+)
 from detr_variants.modeling.backbone import make_resnet
 
 
@@ -25,8 +30,12 @@ def test_torchvision_resnet_names_cover_a_detectron2_resnet():
     import torchvision
 
     tv = torchvision.models.resnet50().state_dict()
-    d2 = make_resnet(depth=50, out_features=["res2", "res3", "res4", "res5"], norm="FrozenBN").state_dict()
-    mapped = {torchvision_resnet_name(k) for k in tv if not k.startswith("fc.") and "num_batches" not in k}
+    d2 = make_resnet(
+        depth=50, out_features=["res2", "res3", "res4", "res5"], norm="FrozenBN"
+    ).state_dict()
+    mapped = {
+        torchvision_resnet_name(k) for k in tv if not k.startswith("fc.") and "num_batches" not in k
+    }
     assert None not in mapped
     assert mapped == set(d2)
 
@@ -36,7 +45,9 @@ def test_unknown_converter_is_a_clear_error():
         convert_checkpoint({}, "official", "nonexistent")
 
 
-@pytest.mark.parametrize("source", ["official/conditional_detr", "official/smca", "official/deformable_detr"])
+@pytest.mark.parametrize(
+    "source", ["official/conditional_detr", "official/smca", "official/deformable_detr"]
+)
 def test_official_converters_name_unknown_keys(source):
     """A key outside the DETR layout (or an unknown module inside a layer) is an error naming it."""
     for key in ("transformer.some_new_head.weight", "transformer.encoder.layers.0.adapter.weight"):
@@ -56,9 +67,15 @@ def test_official_detr_layout_renames_keeps_and_skips():
         "transformer.decoder.copy.weight": torch.zeros(1),
         "class_embed.bias": torch.arange(91.0),
     }
-    out = convert_official_detr_layout(state, layers, r"transformer\.decoder\.norm\.", "test",
-                                       skip=("transformer.decoder.copy.",))
-    assert set(out) == {"backbone.res2.0.conv1.norm.running_var", "encoder.layers.2.ffn.linear1.weight",
-                        "encoder.layers.2.norm.bias", "decoder.layers.0.norm1.weight", "decoder.norm.weight",
-                        "class_embed.bias"}
+    out = convert_official_detr_layout(
+        state, layers, r"transformer\.decoder\.norm\.", "test", skip=("transformer.decoder.copy.",)
+    )
+    assert set(out) == {
+        "backbone.res2.0.conv1.norm.running_var",
+        "encoder.layers.2.ffn.linear1.weight",
+        "encoder.layers.2.norm.bias",
+        "decoder.layers.0.norm1.weight",
+        "decoder.norm.weight",
+        "class_embed.bias",
+    }
     assert out["class_embed.bias"].tolist() == [float(i) for i in COCO_THING_IDS]

@@ -15,7 +15,9 @@ class FixedMatcher(torch.nn.Module):
 
 
 def _case():
-    logits = torch.tensor([[[2.0, -1.0, 0.5], [0.0, 1.0, -0.5]]])  # 1 image, 2 queries, 2 classes + no-object
+    logits = torch.tensor(
+        [[[2.0, -1.0, 0.5], [0.0, 1.0, -0.5]]]
+    )  # 1 image, 2 queries, 2 classes + no-object
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]])
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])}]
     return {"pred_logits": logits, "pred_boxes": boxes}, targets
@@ -23,8 +25,13 @@ def _case():
 
 def test_ce_l1_giou_by_hand():
     outputs, targets = _case()
-    crit = SetCriterion(num_classes=2, matcher=FixedMatcher(), class_loss="ce", eos_coef=0.1,
-                        weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+    crit = SetCriterion(
+        num_classes=2,
+        matcher=FixedMatcher(),
+        class_loss="ce",
+        eos_coef=0.1,
+        weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+    )
     losses = crit(outputs, targets)
     # query 0 -> class 1 (weight 1), query 1 -> no-object (weight 0.1); weighted mean
     lp0 = F.log_softmax(outputs["pred_logits"][0, 0], -1)[1].item()
@@ -39,9 +46,15 @@ def test_ce_l1_giou_by_hand():
 
 def test_focal_by_hand_and_num_boxes_clamp():
     outputs, targets = _case()
-    outputs["pred_logits"] = outputs["pred_logits"][..., :2]  # sigmoid heads have no no-object column
-    crit = SetCriterion(num_classes=2, matcher=FixedMatcher(), class_loss="focal",
-                        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+    outputs["pred_logits"] = outputs["pred_logits"][
+        ..., :2
+    ]  # sigmoid heads have no no-object column
+    crit = SetCriterion(
+        num_classes=2,
+        matcher=FixedMatcher(),
+        class_loss="focal",
+        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+    )
     losses = crit(outputs, targets)
     expect = 0.0
     onehot = [[0.0, 1.0], [0.0, 0.0]]
@@ -67,11 +80,17 @@ def test_aux_and_encoder_outputs_weighted_like_the_final_layer():
     final = {k: v.clone() for k, v in outputs.items()}
     outputs["aux_outputs"] = [dict(final), dict(final)]
     outputs["enc_outputs"] = dict(final)
-    crit = SetCriterion(num_classes=2, matcher=FixedMatcher(),
-                        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+    crit = SetCriterion(
+        num_classes=2,
+        matcher=FixedMatcher(),
+        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+    )
     losses = crit(outputs, targets)
-    assert set(losses) == {f"{n}{s}" for n in ("loss_class", "loss_bbox", "loss_giou")
-                           for s in ("", "_0", "_1", "_enc")}
+    assert set(losses) == {
+        f"{n}{s}"
+        for n in ("loss_class", "loss_bbox", "loss_giou")
+        for s in ("", "_0", "_1", "_enc")
+    }
     for s in ("_0", "_1"):
         assert losses["loss_bbox" + s] == losses["loss_bbox"]
         assert losses["loss_class" + s] == losses["loss_class"]

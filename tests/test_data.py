@@ -12,12 +12,20 @@ from detr_variants.data import DetrDatasetMapper, detr_train_augmentations, vali
 @pytest.fixture
 def image_file(tmp_path):
     path = tmp_path / "img.png"
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 80, 3), dtype=np.uint8)).save(path)
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 80, 3), dtype=np.uint8)).save(
+        path
+    )
     return str(path)
 
 
 def _record(file_name, annotations):
-    return {"file_name": file_name, "height": 60, "width": 80, "image_id": 1, "annotations": annotations}
+    return {
+        "file_name": file_name,
+        "height": 60,
+        "width": 80,
+        "image_id": 1,
+        "annotations": annotations,
+    }
 
 
 def _ann(bbox, cls=0, mode=BoxMode.XYWH_ABS):
@@ -33,8 +41,14 @@ def test_image_without_annotations_gives_empty_instances(image_file):
 
 
 def test_bad_boxes_are_skipped_or_clipped_with_a_warning(caplog):
-    anns = [_ann([10, 10, 20, 20]), _ann([10, 10, 0, 5]), _ann([10, 10, -3, 5]), _ann([100, 100, 5, 5]),
-            _ann([70, 50, 20, 20]), _ann([0, 0, 5, 5], cls=1) | {"iscrowd": 1}]
+    anns = [
+        _ann([10, 10, 20, 20]),
+        _ann([10, 10, 0, 5]),
+        _ann([10, 10, -3, 5]),
+        _ann([100, 100, 5, 5]),
+        _ann([70, 50, 20, 20]),
+        _ann([0, 0, 5, 5], cls=1) | {"iscrowd": 1},
+    ]
     with caplog.at_level(logging.WARNING):
         kept = valid_annotations(anns, (60, 80), "x.png")
     assert len(kept) == 2
@@ -56,19 +70,28 @@ def test_unreadable_image(tmp_path, caplog):
 
 
 def test_train_augmentation_sizes_and_box_transform(image_file):
-    mapper = DetrDatasetMapper(is_train=True, augmentations=detr_train_augmentations(
-        min_sizes=[32, 48], max_size=100, crop_resize_sizes=[40], crop_size=[20, 30]))
+    mapper = DetrDatasetMapper(
+        is_train=True,
+        augmentations=detr_train_augmentations(
+            min_sizes=[32, 48], max_size=100, crop_resize_sizes=[40], crop_size=[20, 30]
+        ),
+    )
     np.random.seed(0)
     for _ in range(20):
         out = mapper(_record(image_file, [_ann([10, 10, 20, 20])]))
         h, w = out["image"].shape[1:]
         assert min(h, w) in (32, 48) and max(h, w) <= 100
         boxes = out["instances"].gt_boxes.tensor
-        assert ((boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all())
+        assert (
+            (boxes[:, 2:] > boxes[:, :2]).all()
+            and (boxes[:, 2] <= w).all()
+            and (boxes[:, 3] <= h).all()
+        )
 
 
 def test_eval_mapping_drops_annotations(image_file):
     out = DetrDatasetMapper(is_train=False, augmentations=[T.ResizeShortestEdge(30, 100)])(
-        _record(image_file, [_ann([1, 1, 5, 5])]))
+        _record(image_file, [_ann([1, 1, 5, 5])])
+    )
     assert "instances" not in out and "annotations" not in out
     assert out["image"].shape == (3, 30, 40)

@@ -9,9 +9,14 @@ from detr_variants.engine.train_loop import apply_overrides
 from detr_variants.model_zoo import get_config
 from helpers import image_input, to_official_detr_names
 
-CONFIGS = ["deformable_detr_r50_50ep", "deformable_detr_single_scale_r50_50ep",
-           "deformable_detr_single_scale_dc5_r50_50ep", "deformable_detr_refine_r50_50ep",
-           "deformable_detr_two_stage_r50_50ep", "deformable_detr_r18_synthetic"]
+CONFIGS = [
+    "deformable_detr_r50_50ep",
+    "deformable_detr_single_scale_r50_50ep",
+    "deformable_detr_single_scale_dc5_r50_50ep",
+    "deformable_detr_refine_r50_50ep",
+    "deformable_detr_two_stage_r50_50ep",
+    "deformable_detr_r18_synthetic",
+]
 
 
 def small_model(name, **overrides):
@@ -26,13 +31,19 @@ def small_model(name, **overrides):
 def test_config_trains_and_predicts(name):
     model = small_model(name)
     model.train()
-    batch = [image_input(64, 96, [[5, 5, 40, 30], [20, 10, 90, 60]], [1, 2], seed=0),
-             image_input(48, 40, [], [], seed=1)]  # zero-GT image, mostly padding in the batch
+    batch = [
+        image_input(64, 96, [[5, 5, 40, 30], [20, 10, 90, 60]], [1, 2], seed=0),
+        image_input(48, 40, [], [], seed=1),
+    ]  # zero-GT image, mostly padding in the batch
     losses = model(batch)
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "sampling_offsets" in n and p.grad is not None]
+    grads = [
+        p.grad
+        for n, p in model.named_parameters()
+        if "sampling_offsets" in n and p.grad is not None
+    ]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     if model.two_stage:
         assert "loss_class_enc" in losses
@@ -45,19 +56,26 @@ def test_config_trains_and_predicts(name):
 def test_image_smaller_than_the_largest_stride():
     model = small_model("deformable_detr_two_stage_r50_50ep").eval()
     with torch.no_grad():
-        out = model([image_input(30, 20, with_instances=False), image_input(90, 120, with_instances=False)])
+        out = model(
+            [image_input(30, 20, with_instances=False), image_input(90, 120, with_instances=False)]
+        )
     assert all(torch.isfinite(o["instances"].pred_boxes.tensor).all() for o in out)
 
 
 def test_official_initialisation():
     model = small_model("deformable_detr_refine_r50_50ep")
-    assert torch.allclose(model.class_embed[0].bias, torch.full_like(model.class_embed[0].bias, -4.59512), atol=1e-4)
+    assert torch.allclose(
+        model.class_embed[0].bias, torch.full_like(model.class_embed[0].bias, -4.59512), atol=1e-4
+    )
     last = model.bbox_embed[0].layers[-1]
     assert last.weight.abs().sum() == 0 and last.bias[:2].abs().sum() == 0
     assert torch.equal(last.bias[2:], torch.full((2,), -2.0))
     assert model.bbox_embed[1].layers[-1].bias[2:].abs().sum() == 0  # only the first refined head
     attn = model.encoder.layers[0].self_attn
-    assert attn.attention_weights.weight.abs().sum() == 0 and attn.sampling_offsets.weight.abs().sum() == 0
+    assert (
+        attn.attention_weights.weight.abs().sum() == 0
+        and attn.sampling_offsets.weight.abs().sum() == 0
+    )
     assert model.decoder.bbox_embed is model.bbox_embed
 
 
@@ -68,14 +86,32 @@ transformers = pytest.importorskip("transformers")
 def _hf_model(with_box_refine, two_stage, d_model=64, num_queries=12):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
-    backbone = ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic",
-                            out_features=["stage2", "stage3", "stage4"])
+    backbone = ResNetConfig(
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
     cfg = DeformableDetrConfig(
-        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=d_model,
-        encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_attention_heads=8,
-        decoder_attention_heads=8, num_queries=num_queries, two_stage_num_proposals=num_queries, num_labels=6,
-        with_box_refine=with_box_refine, two_stage=two_stage, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0)
+        use_timm_backbone=False,
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        d_model=d_model,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        num_queries=num_queries,
+        two_stage_num_proposals=num_queries,
+        num_labels=6,
+        with_box_refine=with_box_refine,
+        two_stage=two_stage,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
     torch.manual_seed(0)
     model = DeformableDetrForObjectDetection(cfg).eval()
     # perturb every weight and statistic so that a wrong mapping cannot go unnoticed
@@ -91,12 +127,22 @@ def _hf_model(with_box_refine, two_stage, d_model=64, num_queries=12):
 def _our_model(with_box_refine, two_stage, hf_cfg):
     cfg = get_config("deformable_detr/deformable_detr_r18_synthetic")
     d = hf_cfg.d_model
-    opts = [f"model.with_box_refine={with_box_refine}", f"model.two_stage={two_stage}",
-            "model.backbone.norm=FrozenBN", f"model.hidden_dim={d}", f"model.num_queries={hf_cfg.num_queries}",
-            f"model.position_embedding.num_pos_feats={d // 2}", f"model.num_classes={hf_cfg.num_labels}"]
+    opts = [
+        f"model.with_box_refine={with_box_refine}",
+        f"model.two_stage={two_stage}",
+        "model.backbone.norm=FrozenBN",
+        f"model.hidden_dim={d}",
+        f"model.num_queries={hf_cfg.num_queries}",
+        f"model.position_embedding.num_pos_feats={d // 2}",
+        f"model.num_classes={hf_cfg.num_labels}",
+    ]
     for part in ("encoder", "decoder"):
-        opts += [f"model.{part}.num_layers=2", f"model.{part}.layer.d_model={d}",
-                 f"model.{part}.layer.dim_feedforward=96", f"model.{part}.layer.dropout=0.0"]
+        opts += [
+            f"model.{part}.num_layers=2",
+            f"model.{part}.layer.d_model={d}",
+            f"model.{part}.layer.dim_feedforward=96",
+            f"model.{part}.layer.dropout=0.0",
+        ]
     return instantiate(apply_overrides(cfg, opts).model).eval()
 
 
@@ -107,7 +153,11 @@ def test_same_outputs_as_hf_transformers(with_box_refine, two_stage, tmp_path):
     converted = convert_checkpoint(hf.state_dict(), "hf", "deformable_detr")
     torch.save({"model": converted}, tmp_path / "converted.pth")
     incompatible = DetectionCheckpointer(ours)._load_model({"model": converted})
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+    assert (
+        not incompatible.missing_keys
+        and not incompatible.unexpected_keys
+        and not incompatible.incorrect_shapes
+    )
 
     # two images of different sizes, padded into one batch
     g = torch.Generator().manual_seed(2)
@@ -120,23 +170,27 @@ def test_same_outputs_as_hf_transformers(with_box_refine, two_stage, tmp_path):
     with torch.no_grad():
         expected = hf(pixel_values=pixels, pixel_mask=mask)
         got = ours.compute_outputs(ImageList(pixels, [(96, 112), (64, 128)]), mask == 0)
-    assert torch.allclose(got["pred_logits"], expected.logits, atol=1e-4), \
+    assert torch.allclose(got["pred_logits"], expected.logits, atol=1e-4), (
         (got["pred_logits"] - expected.logits).abs().max()
-    assert torch.allclose(got["pred_boxes"], expected.pred_boxes, atol=1e-4), \
+    )
+    assert torch.allclose(got["pred_boxes"], expected.pred_boxes, atol=1e-4), (
         (got["pred_boxes"] - expected.pred_boxes).abs().max()
+    )
 
 
 def _official_names(state_dict):
     """Our names → the official repository's (the inverse of the converter's rules)."""
-    rules = [(r"^encoder\.layers\.(\d+)\.norm\.", r"transformer.encoder.layers.\1.norm1."),
-             (r"^encoder\.layers\.(\d+)\.ffn\.linear", r"transformer.encoder.layers.\1.linear"),
-             (r"^encoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.encoder.layers.\1.norm2."),
-             (r"^decoder\.layers\.(\d+)\.norm1\.", r"transformer.decoder.layers.\1.norm2."),
-             (r"^decoder\.layers\.(\d+)\.norm2\.", r"transformer.decoder.layers.\1.norm1."),
-             (r"^decoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.decoder.layers.\1.norm3."),
-             (r"^decoder\.layers\.(\d+)\.ffn\.linear", r"transformer.decoder.layers.\1.linear"),
-             (r"^(encoder|decoder)\.", r"transformer.\1."),
-             (r"^(level_embed|reference_points|enc_output|pos_trans)", r"transformer.\1")]
+    rules = [
+        (r"^encoder\.layers\.(\d+)\.norm\.", r"transformer.encoder.layers.\1.norm1."),
+        (r"^encoder\.layers\.(\d+)\.ffn\.linear", r"transformer.encoder.layers.\1.linear"),
+        (r"^encoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.encoder.layers.\1.norm2."),
+        (r"^decoder\.layers\.(\d+)\.norm1\.", r"transformer.decoder.layers.\1.norm2."),
+        (r"^decoder\.layers\.(\d+)\.norm2\.", r"transformer.decoder.layers.\1.norm1."),
+        (r"^decoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.decoder.layers.\1.norm3."),
+        (r"^decoder\.layers\.(\d+)\.ffn\.linear", r"transformer.decoder.layers.\1.linear"),
+        (r"^(encoder|decoder)\.", r"transformer.\1."),
+        (r"^(level_embed|reference_points|enc_output|pos_trans)", r"transformer.\1"),
+    ]
     return to_official_detr_names(state_dict, rules, class_copies=("", "transformer.decoder."))
 
 
@@ -144,8 +198,13 @@ def test_official_converter_round_trip():
     cfg = get_config("deformable_detr/deformable_detr_two_stage_r50_50ep")
     cfg = apply_overrides(cfg, ["model.encoder.num_layers=1", "model.decoder.num_layers=2"])
     model = instantiate(cfg.model)
-    reference = {k: torch.randn_like(v) if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
-    converted = convert_checkpoint({"model": _official_names(reference)}, "official", "deformable_detr")
+    reference = {
+        k: torch.randn_like(v) if v.dtype.is_floating_point else v
+        for k, v in model.state_dict().items()
+    }
+    converted = convert_checkpoint(
+        {"model": _official_names(reference)}, "official", "deformable_detr"
+    )
     assert set(converted) == set(reference)
     for name, value in reference.items():
         assert torch.equal(converted[name], value), name

@@ -49,8 +49,10 @@ def test_registered_and_official_head_sizes(model):
 
 def test_train_step_gives_finite_losses_and_gradients(model):
     model.train()
-    batch = [image_input(96, 128, [[10, 10, 60, 50], [30, 40, 90, 90]], [1, 4], seed=0),
-             image_input(80, 100, [], [], seed=1)]  # an image without objects
+    batch = [
+        image_input(96, 128, [[10, 10, 60, 50], [30, 40, 90, 90]], [1, 4], seed=0),
+        image_input(80, 100, [], [], seed=1),
+    ]  # an image without objects
     losses = model(batch)
     assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0", "loss_giou_0"} <= set(losses)
     total = sum(losses.values())

@@ -28,19 +28,32 @@ def test_two_process_gloo_ddp_training(tiny_shapes, tmp_path, repo_root):
     config = tmp_path / "ddp_config.py"
     config.write_text(textwrap.dedent(CONFIG.replace("ROOT", tiny_shapes)))
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(repo_root, "tools", "train_net.py"), "--config-file", str(config),
-           "--num-gpus", "2",
-           "model.encoder.num_layers=1", "model.decoder.num_layers=1",
-           "dataloader.train.dataset.names=tiny_shapes_train", "dataloader.train.total_batch_size=4",
-           "dataloader.train.num_workers=0",
-           "dataloader.train.mapper.augmentations.min_sizes=[64]",
-           "dataloader.train.mapper.augmentations.max_size=96",
-           "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
-           "dataloader.train.mapper.augmentations.crop_size=[48,64]",
-           f"train.output_dir={out}", "train.max_iter=3", "train.log_period=1", "train.eval_period=-1",
-           "train.device=cpu"]
+    cmd = [
+        sys.executable,
+        os.path.join(repo_root, "tools", "train_net.py"),
+        "--config-file",
+        str(config),
+        "--num-gpus",
+        "2",
+        "model.encoder.num_layers=1",
+        "model.decoder.num_layers=1",
+        "dataloader.train.dataset.names=tiny_shapes_train",
+        "dataloader.train.total_batch_size=4",
+        "dataloader.train.num_workers=0",
+        "dataloader.train.mapper.augmentations.min_sizes=[64]",
+        "dataloader.train.mapper.augmentations.max_size=96",
+        "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
+        "dataloader.train.mapper.augmentations.crop_size=[48,64]",
+        f"train.output_dir={out}",
+        "train.max_iter=3",
+        "train.log_period=1",
+        "train.eval_period=-1",
+        "train.device=cpu",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path)
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log

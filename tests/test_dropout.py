@@ -1,15 +1,23 @@
 """The transformers' dropout (native counter-based CPU kernel, its fallbacks) and the attention
 that uses it for its weights."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from detr_variants._native import _C
-from detr_variants.layers import (Dropout, FeedForward, MultiheadAttention, dropout, relu_dropout_,
-                                  scaled_dot_product_attention)
+from detr_variants.layers import (
+    Dropout,
+    FeedForward,
+    MultiheadAttention,
+    dropout,
+    relu_dropout_,
+    scaled_dot_product_attention,
+)
 
-requires_native = pytest.mark.skipif(_C is None or not hasattr(_C, "dropout_cpu_forward"),
-                                     reason="detr_variants._C not built")
+requires_native = pytest.mark.skipif(
+    _C is None or not hasattr(_C, "dropout_cpu_forward"), reason="detr_variants._C not built"
+)
 
 
 def seeded(fn, x, p=0.3, seed=0):
@@ -57,7 +65,9 @@ def test_relu_dropout_is_dropout_of_relu_with_the_same_mask_in_place():
 
 
 @requires_native
-@pytest.mark.parametrize("fn", [dropout, lambda t, p, training: relu_dropout_(t.clone(), p, training)])
+@pytest.mark.parametrize(
+    "fn", [dropout, lambda t, p, training: relu_dropout_(t.clone(), p, training)]
+)
 def test_gradient_is_the_mask_times_the_scale(fn):
     x = torch.randn(6, 33, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: seeded(fn, t), (x,))
@@ -76,10 +86,14 @@ def test_residual_is_added_in_the_same_pass():
     assert torch.equal(grad_residual, torch.ones_like(residual))
     torch.testing.assert_close(grad_x, (seeded(dropout, x) != 0).double() / 0.7)
     small = (x[:2, :17].detach().requires_grad_(), residual[:2, :17].detach().requires_grad_())
-    assert torch.autograd.gradcheck(lambda t, r: seeded(lambda a, p, tr: dropout(a, p, tr, residual=r), t), small)
+    assert torch.autograd.gradcheck(
+        lambda t, r: seeded(lambda a, p, tr: dropout(a, p, tr, residual=r), t), small
+    )
     half, half_residual = x.detach().bfloat16(), residual.detach().bfloat16()  # F.dropout path
-    assert torch.equal(seeded(lambda t, p, tr: Dropout(p)(t, residual=half_residual), half),
-                       half_residual + seeded(F.dropout, half))
+    assert torch.equal(
+        seeded(lambda t, p, tr: Dropout(p)(t, residual=half_residual), half),
+        half_residual + seeded(F.dropout, half),
+    )
 
 
 @requires_native
@@ -102,8 +116,14 @@ def test_dropout_module_and_ffn_state_dict_match_torch():
     module = Dropout(0.2)
     assert isinstance(module, torch.nn.Dropout) and module.p == 0.2 and not module.state_dict()
     ffn = FeedForward(8, 16, dropout=0.2)
-    assert set(ffn.state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
-                                     "norm.weight", "norm.bias"}
+    assert set(ffn.state_dict()) == {
+        "linear1.weight",
+        "linear1.bias",
+        "linear2.weight",
+        "linear2.bias",
+        "norm.weight",
+        "norm.bias",
+    }
     ffn.train()
     x = torch.randn(2, 5, 8, requires_grad=True)
     results = []
@@ -131,8 +151,11 @@ TINY_P = 1e-9  # takes the native path but drops nothing: P(drop) = 4 / 2^32
 def test_attention_matches_torch_sdpa(mask_kind):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for n in (5, 7, 7))
-    mask = {None: None, "bool": torch.rand(2, 1, 5, 7, generator=g) > 0.3,
-            "float": torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64)}[mask_kind]
+    mask = {
+        None: None,
+        "bool": torch.rand(2, 1, 5, 7, generator=g) > 0.3,
+        "float": torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64),
+    }[mask_kind]
     if mask_kind == "bool":
         mask[..., 0] = True  # every query sees a key
     for scale in (None, 0.7):
@@ -149,7 +172,7 @@ def test_attention_drops_weights_with_probability_p():
     weights = scaled_dot_product_attention(q, k, v, dropout_p=0.25)
     kept = weights != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.005
-    expected = (q @ k.transpose(-2, -1) / 32 ** 0.5).softmax(-1) / 0.75
+    expected = (q @ k.transpose(-2, -1) / 32**0.5).softmax(-1) / 0.75
     torch.testing.assert_close(weights[kept], expected[kept])
 
 

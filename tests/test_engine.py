@@ -64,7 +64,7 @@ def test_train_checkpoint_and_resume_continue_at_the_same_iteration_and_lr(tiny_
     assert [m["iteration"] for m in first] == [0, 1, 2, 3]
 
     train(tiny_cfg, resume=True)
-    resumed = _metrics(tiny_cfg.train.output_dir)[len(first):]
+    resumed = _metrics(tiny_cfg.train.output_dir)[len(first) :]
     assert [m["iteration"] for m in resumed] == [4, 5]
     base = tiny_cfg.optimizer.lr
     assert resumed[0]["lr"] == pytest.approx(base) and resumed[1]["lr"] == pytest.approx(base * 0.1)
@@ -119,21 +119,40 @@ def test_checkpoint_with_another_class_count_is_refused(tiny_cfg, trained_checkp
         DefaultPredictor(tiny_cfg)
 
 
-def test_demo_trains_the_default_config_evaluates_and_draws(tiny_shapes, tmp_path, monkeypatch, repo_root):
+def test_demo_trains_the_default_config_evaluates_and_draws(
+    tiny_shapes, tmp_path, monkeypatch, repo_root
+):
     """tools/demo.py end to end on the tiny dataset: the default config (Deformable DETR) with its
     demo iteration count, overridden from the command line; the summary and the PNG are written."""
     import importlib.util
 
     from helpers import tiny_run_overrides
 
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(repo_root, "tools", "demo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "demo", os.path.join(repo_root, "tools", "demo.py")
+    )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     assert demo.DEFAULT_DEMO_CONFIG == "deformable_detr/deformable_detr_r18_synthetic"
     out = tmp_path / "demo"
-    overrides = [o for o in tiny_run_overrides(out) if not o.startswith(("train.output_dir", "train.eval_period"))]
-    monkeypatch.setattr(sys, "argv", ["demo.py", "--output-dir", str(out), *overrides,
-                                      "train.max_iter=2", "model.encoder.num_layers=1", "model.decoder.num_layers=1"])
+    overrides = [
+        o
+        for o in tiny_run_overrides(out)
+        if not o.startswith(("train.output_dir", "train.eval_period"))
+    ]
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "demo.py",
+            "--output-dir",
+            str(out),
+            *overrides,
+            "train.max_iter=2",
+            "model.encoder.num_layers=1",
+            "model.decoder.num_layers=1",
+        ],
+    )
     demo.main()
     summary = json.load(open(out / "demo_summary.json"))
     assert summary["config"] == demo.DEFAULT_DEMO_CONFIG and summary["iterations"] == 2

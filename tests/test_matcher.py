@@ -9,10 +9,17 @@ from detr_variants.modeling.matcher import HungarianMatcher, focal_class_cost
 
 def _random_problem(b, q, c, sizes, seed):
     g = torch.Generator().manual_seed(seed)
-    outputs = {"pred_logits": torch.randn(b, q, c, generator=g),
-               "pred_boxes": torch.rand(b, q, 4, generator=g) * 0.5 + 0.25}
-    targets = [{"labels": torch.randint(0, c - 1, (n,), generator=g),
-                "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.25} for n in sizes]
+    outputs = {
+        "pred_logits": torch.randn(b, q, c, generator=g),
+        "pred_boxes": torch.rand(b, q, 4, generator=g) * 0.5 + 0.25,
+    }
+    targets = [
+        {
+            "labels": torch.randint(0, c - 1, (n,), generator=g),
+            "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.25,
+        }
+        for n in sizes
+    ]
     return outputs, targets
 
 
@@ -23,14 +30,20 @@ def _cost_by_hand(matcher, logits, boxes, target):
     else:
         cost_class = focal_class_cost(logits, target["labels"])
     cost_bbox = torch.cdist(boxes, target["boxes"], p=1)
-    giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes)[:, None], box_cxcywh_to_xyxy(target["boxes"])[None])
-    return matcher.cost_class * cost_class + matcher.cost_bbox * cost_bbox - matcher.cost_giou * giou
+    giou = generalized_box_iou(
+        box_cxcywh_to_xyxy(boxes)[:, None], box_cxcywh_to_xyxy(target["boxes"])[None]
+    )
+    return (
+        matcher.cost_class * cost_class + matcher.cost_bbox * cost_bbox - matcher.cost_giou * giou
+    )
 
 
 @pytest.mark.parametrize("class_cost_type", ["softmax", "focal"])
 @pytest.mark.parametrize("seed", range(5))
 def test_matches_brute_force_optimum(class_cost_type, seed):
-    matcher = HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2, class_cost_type=class_cost_type)
+    matcher = HungarianMatcher(
+        cost_class=2, cost_bbox=5, cost_giou=2, class_cost_type=class_cost_type
+    )
     sizes = [3, 0, 4, 1]
     outputs, targets = _random_problem(len(sizes), 6, 5, sizes, seed)
     indices = matcher(outputs, targets)
@@ -40,9 +53,13 @@ def test_matches_brute_force_optimum(class_cost_type, seed):
         assert len(set(rows.tolist())) == n and sorted(cols.tolist()) == list(range(n))
         if n == 0:
             continue
-        cost = _cost_by_hand(matcher, outputs["pred_logits"][i], outputs["pred_boxes"][i], targets[i])
+        cost = _cost_by_hand(
+            matcher, outputs["pred_logits"][i], outputs["pred_boxes"][i], targets[i]
+        )
         found = cost[rows, cols].sum().item()
-        best = min(sum(cost[p[j], j].item() for j in range(n)) for p in itertools.permutations(range(6), n))
+        best = min(
+            sum(cost[p[j], j].item() for j in range(n)) for p in itertools.permutations(range(6), n)
+        )
         assert found == pytest.approx(best, abs=1e-4)
 
 

@@ -4,6 +4,7 @@ Tolerances (stated per test): float64 forward <= 1e-10 absolute, float32 forward
 (max |native - reference| / max |reference|), gradients checked with torch.autograd.gradcheck in
 float64 (eps 1e-6, atol 1e-5, rtol 1e-3) or against the reference's autograd gradients.
 """
+
 import importlib
 import logging
 import math
@@ -30,8 +31,19 @@ def level_start(shapes):
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
 
 
-def make_inputs(N=2, Lq=5, M=2, D=4, shapes=((6, 4), (3, 2), (1, 1), (5, 7)), P=3, dtype=torch.float64,
-                seed=0, lo=-0.1, hi=1.1, device="cpu"):
+def make_inputs(
+    N=2,
+    Lq=5,
+    M=2,
+    D=4,
+    shapes=((6, 4), (3, 2), (1, 1), (5, 7)),
+    P=3,
+    dtype=torch.float64,
+    seed=0,
+    lo=-0.1,
+    hi=1.1,
+    device="cpu",
+):
     """Random inputs: value ~ N(0,1), locations ~ U[lo, hi], weights softmaxed over L*P."""
     g = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(shapes, dtype=torch.long)
@@ -55,13 +67,17 @@ def grads(fn, value, shapes, lsi, loc, attn, grad_out=None):
     v, l, a = (t.detach().clone().requires_grad_() for t in (value, loc, attn))
     out = fn(v, shapes, lsi, l, a)
     if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        grad_out = torch.randn(
+            out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64
+        )
         grad_out = grad_out.to(device=out.device, dtype=out.dtype)
     out.backward(grad_out)
     return out.detach(), v.grad, l.grad, a.grad
 
 
-requires_native = pytest.mark.skipif(not native_available("cpu"), reason="detr_variants._C not built")
+requires_native = pytest.mark.skipif(
+    not native_available("cpu"), reason="detr_variants._C not built"
+)
 
 
 def test_native_op_is_built():
@@ -85,7 +101,9 @@ CONFIGS = [
 
 
 @requires_native
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"N{c[0]}Lq{c[1]}M{c[2]}D{c[3]}L{len(c[4])}P{c[5]}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"N{c[0]}Lq{c[1]}M{c[2]}D{c[3]}L{len(c[4])}P{c[5]}"
+)
 def test_forward_matches_reference(cfg):
     """float64 <= 1e-10 absolute, float32 <= 1e-5 relative."""
     N, Lq, M, D, shapes, P = cfg
@@ -98,7 +116,9 @@ def test_forward_matches_reference(cfg):
 
 
 @requires_native
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"N{c[0]}Lq{c[1]}M{c[2]}D{c[3]}L{len(c[4])}P{c[5]}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"N{c[0]}Lq{c[1]}M{c[2]}D{c[3]}L{len(c[4])}P{c[5]}"
+)
 def test_backward_matches_reference(cfg):
     """Gradients equal the reference's autograd gradients: float64 <= 1e-9 relative to the max."""
     N, Lq, M, D, shapes, P = cfg
@@ -121,14 +141,20 @@ GRADCHECK_CONFIGS = [
 
 
 @requires_native
-@pytest.mark.parametrize("cfg", GRADCHECK_CONFIGS, ids=lambda c: f"N{c[0]}M{c[2]}D{c[3]}L{len(c[4])}P{c[5]}")
+@pytest.mark.parametrize(
+    "cfg", GRADCHECK_CONFIGS, ids=lambda c: f"N{c[0]}M{c[2]}D{c[3]}L{len(c[4])}P{c[5]}"
+)
 def test_gradcheck(cfg):
     """torch.autograd.gradcheck in float64 (eps 1e-6, atol 1e-5, rtol 1e-3)."""
     N, Lq, M, D, shapes, P = cfg
     value, shapes, lsi, loc, attn = make_inputs(N, Lq, M, D, shapes, P, seed=2)
     value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
     assert torch.autograd.gradcheck(
-        lambda v, l, a: ms_deform_attn(v, shapes, lsi, l, a), (value, loc, attn), eps=1e-6, atol=1e-5, rtol=1e-3
+        lambda v, l, a: ms_deform_attn(v, shapes, lsi, l, a),
+        (value, loc, attn),
+        eps=1e-6,
+        atol=1e-5,
+        rtol=1e-3,
     )
 
 
@@ -148,9 +174,13 @@ def test_border_and_outside_locations():
     gx, gy = torch.meshgrid(xs, xs, indexing="ij")
     pts = torch.stack([gx.flatten(), gy.flatten()], -1)  # exact dyadic values
     Lq = math.ceil(pts.shape[0] / (M * L * P))
-    loc = pts.repeat(Lq * M * L * P // pts.shape[0] + 1, 1)[: Lq * M * L * P].view(N, Lq, M, L, P, 2)
+    loc = pts.repeat(Lq * M * L * P // pts.shape[0] + 1, 1)[: Lq * M * L * P].view(
+        N, Lq, M, L, P, 2
+    )
     g = torch.Generator().manual_seed(3)
-    value = torch.randn(N, int((shapes[:, 0] * shapes[:, 1]).sum()), M, D, generator=g, dtype=torch.float64)
+    value = torch.randn(
+        N, int((shapes[:, 0] * shapes[:, 1]).sum()), M, D, generator=g, dtype=torch.float64
+    )
     attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64)
     args = (value, shapes, lsi, loc, attn)
     out, gv, gl, ga = grads(ms_deform_attn, *args)
@@ -174,7 +204,15 @@ def test_border_and_outside_locations():
 def test_zero_queries_and_empty_batch():
     for N, Lq in ((2, 0), (0, 3)):
         value, shapes, lsi, loc, attn = make_inputs(N=N, Lq=Lq, M=2, D=4)
-        out, gv, gl, ga = grads(ms_deform_attn, value, shapes, lsi, loc, attn, grad_out=torch.zeros(N, Lq, 8, dtype=torch.float64))
+        out, gv, gl, ga = grads(
+            ms_deform_attn,
+            value,
+            shapes,
+            lsi,
+            loc,
+            attn,
+            grad_out=torch.zeros(N, Lq, 8, dtype=torch.float64),
+        )
         assert out.shape == (N, Lq, 8)
         assert gv.shape == value.shape and gl.shape == loc.shape and ga.shape == attn.shape
         assert gv.abs().sum().item() == 0
@@ -196,7 +234,9 @@ def test_non_contiguous_inputs():
     for t in (value_nc, loc_nc, attn_nc, shapes_nc):
         assert not t.is_contiguous()
     out = ms_deform_attn(value_nc, shapes_nc, lsi, loc_nc, attn_nc)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).float()
+    grad_out = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64
+    ).float()
     out.backward(grad_out)
     assert torch.equal(out, expected[0])
     assert torch.equal(value_t.grad.transpose(1, 2), expected[1])
@@ -209,7 +249,9 @@ def test_non_contiguous_inputs():
 def test_thread_count(N, M):
     """Forward is bitwise identical with 1 and 2 threads; backward equal within 1e-5 relative
     (N=1, M=1 exercises the per-chunk grad_value buffers used when N*M < threads)."""
-    args = make_inputs(N=N, Lq=1500, M=M, D=8, shapes=((12, 20), (6, 10), (3, 5)), P=2, dtype=torch.float32)
+    args = make_inputs(
+        N=N, Lq=1500, M=M, D=8, shapes=((12, 20), (6, 10), (3, 5)), P=2, dtype=torch.float32
+    )
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -263,7 +305,9 @@ def test_dtype_promotion():
     value, shapes, lsi, loc, attn = make_inputs()
     out = ms_deform_attn(value.float(), shapes, lsi, loc, attn)
     assert out.dtype == torch.float64
-    assert (out - ms_deform_attn_pytorch(value.float().double(), shapes, lsi, loc, attn)).abs().max() <= F64_ABS
+    assert (
+        out - ms_deform_attn_pytorch(value.float().double(), shapes, lsi, loc, attn)
+    ).abs().max() <= F64_ABS
 
 
 def test_fallback_warns_once(monkeypatch):
@@ -276,7 +320,9 @@ def test_fallback_warns_once(monkeypatch):
     assert len([w for w in record if "ms_deform_attn" in str(w.message)]) == 1
 
 
-def module_inputs(N=2, Lq=7, C=32, shapes=((6, 5), (3, 3), (1, 2)), dtype=torch.float64, seed=0, ref_dim=2):
+def module_inputs(
+    N=2, Lq=7, C=32, shapes=((6, 5), (3, 3), (1, 2)), dtype=torch.float64, seed=0, ref_dim=2
+):
     g = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(shapes)
     S = int((shapes[:, 0] * shapes[:, 1]).sum())
@@ -352,7 +398,9 @@ def test_module_sampling_locations(monkeypatch, ref_dim):
     out = mod(*inputs)
     N, Lq, C = query.shape
     M, L, P = 4, 3, 2
-    assert torch.allclose(seen["loc"], official_locations(mod, query, ref, shapes), rtol=1e-14, atol=1e-15)
+    assert torch.allclose(
+        seen["loc"], official_locations(mod, query, ref, shapes), rtol=1e-14, atol=1e-15
+    )
     logits = mod.attention_weights(query).view(N, Lq, M, L * P)
     assert torch.allclose(seen["attn"], logits.softmax(-1).view(N, Lq, M, L, P), rtol=0, atol=1e-15)
     value = seen["value"]
@@ -405,18 +453,29 @@ def test_module_init():
     mod = MultiScaleDeformableAttention(256, M, L, P)
     assert mod.sampling_offsets.weight.abs().max().item() == 0
     bias = mod.sampling_offsets.bias.view(M, L, P, 2)
-    expected_dirs = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]],
-                                 dtype=torch.float32)
+    expected_dirs = torch.tensor(
+        [[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32
+    )
     for i in range(P):
         for lvl in range(L):
             assert torch.allclose(bias[:, lvl, i], expected_dirs * (i + 1), atol=1e-6)
     assert mod.attention_weights.weight.abs().max().item() == 0
     assert mod.attention_weights.bias.abs().max().item() == 0
-    assert mod.value_proj.bias.abs().max().item() == 0 and mod.output_proj.bias.abs().max().item() == 0
+    assert (
+        mod.value_proj.bias.abs().max().item() == 0 and mod.output_proj.bias.abs().max().item() == 0
+    )
     bound = math.sqrt(6 / (256 + 256))
     assert 0 < mod.value_proj.weight.abs().max().item() <= bound
-    assert [n for n, _ in mod.named_children()] == ["sampling_offsets", "attention_weights", "value_proj", "output_proj"]
-    assert mod.sampling_offsets.out_features == M * L * P * 2 and mod.attention_weights.out_features == M * L * P
+    assert [n for n, _ in mod.named_children()] == [
+        "sampling_offsets",
+        "attention_weights",
+        "value_proj",
+        "output_proj",
+    ]
+    assert (
+        mod.sampling_offsets.out_features == M * L * P * 2
+        and mod.attention_weights.out_features == M * L * P
+    )
 
 
 def test_module_arguments(caplog):
@@ -429,20 +488,25 @@ def test_module_arguments(caplog):
 
 # ----------------------------------------------------------------------------------------- CUDA
 cuda_native = pytest.mark.skipif(
-    not (torch.cuda.is_available() and native_available("cuda")), reason="needs CUDA and the CUDA kernels"
+    not (torch.cuda.is_available() and native_available("cuda")),
+    reason="needs CUDA and the CUDA kernels",
 )
 
 
 @pytest.mark.cuda
 @cuda_native
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
+)
 @pytest.mark.parametrize("D", [1, 3, 8, 32, 64, 71])
 def test_cuda_forward_backward_match_reference(dtype, tol, D):
     """CUDA vs float64 reference, relative to the max: fp32 1e-5, fp16 2e-3, bf16 1.6e-2 (outputs
     and gradients, inputs rounded to the dtype first)."""
     args64 = make_inputs(N=2, Lq=33, M=3, D=D, P=3, seed=4)
     args = [t.to(dtype) if t.is_floating_point() else t for t in args64]
-    args64 = [t.to(torch.float64) if t.is_floating_point() else t for t in args]  # same rounded inputs
+    args64 = [
+        t.to(torch.float64) if t.is_floating_point() else t for t in args
+    ]  # same rounded inputs
     mine = grads(ms_deform_attn, *[t.cuda() for t in args])
     ref = grads(ms_deform_attn_pytorch, *args64)
     assert mine[0].dtype == dtype
@@ -455,11 +519,16 @@ def test_cuda_forward_backward_match_reference(dtype, tol, D):
 @pytest.mark.parametrize("D", [1, 3, 30, 32, 64, 71])
 def test_cuda_gradcheck(D):
     """torch.autograd.gradcheck in float64 on the GPU (eps 1e-6, atol 1e-5, rtol 1e-3)."""
-    value, shapes, lsi, loc, attn = make_inputs(N=2, Lq=2, M=2, D=D, shapes=((3, 2), (1, 1), (2, 3)), P=2,
-                                                seed=5, device="cuda")
+    value, shapes, lsi, loc, attn = make_inputs(
+        N=2, Lq=2, M=2, D=D, shapes=((3, 2), (1, 1), (2, 3)), P=2, seed=5, device="cuda"
+    )
     value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
     assert torch.autograd.gradcheck(
-        lambda v, l, a: ms_deform_attn(v, shapes, lsi, l, a), (value, loc, attn), eps=1e-6, atol=1e-5, rtol=1e-3
+        lambda v, l, a: ms_deform_attn(v, shapes, lsi, l, a),
+        (value, loc, attn),
+        eps=1e-6,
+        atol=1e-5,
+        rtol=1e-3,
     )
 
 
@@ -480,18 +549,28 @@ def _cuda_emulation_module():
     if not includes:
         pytest.skip("CUDA headers not found (set CUDA_HOME)")
     cuda_include = includes[0]
-    srcs = [os.path.join(csrc, "cuda", "ms_deform_attn_cuda_emulation.cpp"), os.path.join(csrc, "ms_deform_attn.cpp")]
+    srcs = [
+        os.path.join(csrc, "cuda", "ms_deform_attn_cuda_emulation.cpp"),
+        os.path.join(csrc, "ms_deform_attn.cpp"),
+    ]
     digest = hashlib.sha256()
-    for path in srcs + [os.path.join(csrc, f) for f in ("cuda/ms_deform_attn_cuda.cu", "ms_deform_attn.h",
-                                                        "ms_deform_attn_bilinear.h")]:
+    for path in srcs + [
+        os.path.join(csrc, f)
+        for f in ("cuda/ms_deform_attn_cuda.cu", "ms_deform_attn.h", "ms_deform_attn_bilinear.h")
+    ]:
         with open(path, "rb") as f:
             digest.update(f.read())
     return load(
         "detr_variants_msda_cuda_emulation",
         srcs,
         extra_include_paths=[csrc, cuda_include],
-        extra_cflags=["-O1", "-std=c++20", "-DWITH_CUDA", "-Wno-unknown-pragmas",
-                      f"-DMSDA_SOURCE_HASH={digest.hexdigest()[:16]}"],
+        extra_cflags=[
+            "-O1",
+            "-std=c++20",
+            "-DWITH_CUDA",
+            "-Wno-unknown-pragmas",
+            f"-DMSDA_SOURCE_HASH={digest.hexdigest()[:16]}",
+        ],
         verbose=False,
     )
 
@@ -516,8 +595,17 @@ def test_cuda_kernels_in_host_emulation():
             gv, gl, ga = emu.ms_deform_attn_backward(value, shapes, lsi, loc, attn, grad_out)
             return gv, None, None, gl, ga
 
-    cases = [(dt, D, False) for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16) for D in (1, 3, 32, 71)]
-    cases += [(torch.float32, 256, False), (torch.float16, 2, False), (torch.float32, 32, True), (torch.bfloat16, 16, True)]
+    cases = [
+        (dt, D, False)
+        for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+        for D in (1, 3, 32, 71)
+    ]
+    cases += [
+        (torch.float32, 256, False),
+        (torch.float16, 2, False),
+        (torch.float32, 32, True),
+        (torch.bfloat16, 16, True),
+    ]
     tols = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
     for dtype, D, misaligned in cases:
         args = make_inputs(N=2, Lq=4, M=3, D=D, P=2, seed=6)

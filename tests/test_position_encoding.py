@@ -2,8 +2,11 @@ import math
 
 import torch
 
-from detr_variants.layers.position_encoding import (PositionEmbeddingLearned, PositionEmbeddingSine,
-                                                    sine_embed_coordinates)
+from detr_variants.layers.position_encoding import (
+    PositionEmbeddingLearned,
+    PositionEmbeddingSine,
+    sine_embed_coordinates,
+)
 
 
 def test_sine_values_by_hand():
@@ -15,8 +18,18 @@ def test_sine_values_by_hand():
     x = 2 / (2 + eps) * 2 * math.pi  # column 1 (second valid column): cumsum 2 over valid width 2
     y = 1 / (2 + eps) * 2 * math.pi  # row 0: cumsum 1 over height 2
     dim_t = [10000 ** (2 * (i // 2) / 4) for i in range(4)]
-    expect_x = [math.sin(x / dim_t[0]), math.cos(x / dim_t[1]), math.sin(x / dim_t[2]), math.cos(x / dim_t[3])]
-    expect_y = [math.sin(y / dim_t[0]), math.cos(y / dim_t[1]), math.sin(y / dim_t[2]), math.cos(y / dim_t[3])]
+    expect_x = [
+        math.sin(x / dim_t[0]),
+        math.cos(x / dim_t[1]),
+        math.sin(x / dim_t[2]),
+        math.cos(x / dim_t[3]),
+    ]
+    expect_y = [
+        math.sin(y / dim_t[0]),
+        math.cos(y / dim_t[1]),
+        math.sin(y / dim_t[2]),
+        math.cos(y / dim_t[3]),
+    ]
     assert torch.allclose(pos[0, :4, 0, 1], torch.tensor(expect_y), atol=1e-6)
     assert torch.allclose(pos[0, 4:, 0, 1], torch.tensor(expect_x), atol=1e-6)
 

@@ -1,6 +1,7 @@
 """TSP-FCOS / TSP-RCNN: restricted matching, FoI selection and random drop, RoI position
 encoding, configs (build, train step, inference), the hybrid optimizer and transformer-only
 clipping, and the official-checkpoint converters."""
+
 import copy
 import itertools
 import json
@@ -27,23 +28,39 @@ from detr_variants.engine.trainer import SetPredictionTrainer
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.matcher import RestrictedMatcher, restricted_match
 from detr_variants.modeling.meta_arch.tsp_fcos import random_keep_count
-from detr_variants.modeling.meta_arch.tsp_rcnn import CascadeTransformerROIHeads, roi_position_encoding
+from detr_variants.modeling.meta_arch.tsp_rcnn import (
+    CascadeTransformerROIHeads,
+    roi_position_encoding,
+)
 from helpers import image_input
 
 SYNTHETIC = ["tsp/tsp_fcos_r18_synthetic", "tsp/tsp_rcnn_r18_synthetic"]
-RECIPES = ["tsp/tsp_fcos_r50_36ep", "tsp/tsp_rcnn_r50_36ep", "tsp/tsp_fcos_r101_36ep", "tsp/tsp_rcnn_r101_36ep",
-           "tsp/tsp_rcnn_r50_96ep"]
+RECIPES = [
+    "tsp/tsp_fcos_r50_36ep",
+    "tsp/tsp_rcnn_r50_36ep",
+    "tsp/tsp_fcos_r101_36ep",
+    "tsp/tsp_rcnn_r101_36ep",
+    "tsp/tsp_rcnn_r50_96ep",
+]
 
 
 def small_model(name, *overrides, seed=0):
-    layers = "model.encoder.num_layers=1" if "fcos" in name else "model.roi_heads.box_head.encoder.num_layers=1"
+    layers = (
+        "model.encoder.num_layers=1"
+        if "fcos" in name
+        else "model.roi_heads.box_head.encoder.num_layers=1"
+    )
     torch.manual_seed(seed)
     return instantiate(apply_overrides(get_config(name), [layers, *overrides]).model)
 
 
 def batch_with_and_without_objects():
-    return [image_input(96, 128, [[5, 5, 40, 30], [20, 10, 90, 60], [60, 40, 120, 90]], [1, 2, 5], seed=0),
-            image_input(64, 80, [], [], seed=1)]  # no objects, mostly padding in the batch
+    return [
+        image_input(
+            96, 128, [[5, 5, 40, 30], [20, 10, 90, 60], [60, 40, 120, 90]], [1, 2, 5], seed=0
+        ),
+        image_input(64, 80, [], [], seed=1),
+    ]  # no objects, mostly padding in the batch
 
 
 # ------------------------------------------------------------------ restricted matching
@@ -65,14 +82,19 @@ def _brute_force(cost, candidate_gt, num_gt):
 def test_restricted_matching_against_brute_force():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        n, num_gt = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        n, num_gt = (
+            int(torch.randint(1, 8, (1,), generator=g)),
+            int(torch.randint(1, 4, (1,), generator=g)),
+        )
         cost = torch.randn(n, generator=g)
         candidate_gt = torch.randint(-1, num_gt, (n,), generator=g)
         pred, gt = restricted_match(cost, candidate_gt)
         assert len(set(pred.tolist())) == len(pred)  # no prediction given to two GTs
         assert len(set(gt.tolist())) == len(gt)  # at most one prediction per GT
         assert (candidate_gt[pred] == gt).all()  # only from its candidates
-        assert dict(zip(gt.tolist(), pred.tolist())) == _brute_force(cost.tolist(), candidate_gt.tolist(), num_gt)
+        assert dict(zip(gt.tolist(), pred.tolist())) == _brute_force(
+            cost.tolist(), candidate_gt.tolist(), num_gt
+        )
 
 
 def test_restricted_matcher_weights_and_empty_input():
@@ -122,14 +144,20 @@ def test_random_drop_keeps_70_to_100_percent():
         assert 70 <= selected.shape[1] <= 100  # one size for the whole batch
         assert all(set(s.tolist()) <= set(t.tolist()) for s, t in zip(selected, top))
     model.eval()
-    assert model.select_fois(scores, torch.ones(2, 400, dtype=torch.bool)).shape[1] == 100  # no drop at test
+    assert (
+        model.select_fois(scores, torch.ones(2, 400, dtype=torch.bool)).shape[1] == 100
+    )  # no drop at test
 
     roi_heads = small_model(SYNTHETIC[1]).train().roi_heads
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(400, 2, generator=g) * 80
     boxes = torch.cat([xy, xy + 8 + 40 * torch.rand(400, 2, generator=g)], 1)
-    proposals = Instances((128, 128), proposal_boxes=Boxes(boxes), objectness_logits=torch.randn(400, generator=g))
-    targets = Instances((128, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10, 60, 60]])), gt_classes=torch.tensor([3]))
+    proposals = Instances(
+        (128, 128), proposal_boxes=Boxes(boxes), objectness_logits=torch.randn(400, generator=g)
+    )
+    targets = Instances(
+        (128, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10, 60, 60]])), gt_classes=torch.tensor([3])
+    )
     roi_heads.batch_size_per_image = 200
     with EventStorage():
         for _ in range(10):
@@ -152,7 +180,9 @@ def test_roi_position_encoding_on_a_known_box():
     assert torch.allclose(pe, torch.tensor(expected), atol=1e-6)
     full = roi_position_encoding(box, (100, 200))[0]  # the released 8 x 64 = 512 channels
     assert full.shape == (512,)
-    assert full[4 * 64] == pytest.approx(math.sin(2 * math.pi * 0.1), abs=1e-6)  # x1 block, first frequency
+    assert full[4 * 64] == pytest.approx(
+        math.sin(2 * math.pi * 0.1), abs=1e-6
+    )  # x1 block, first frequency
     t = 10000 ** (2 * 31 / 64)  # the last frequency pair of the h block
     assert full[3 * 64 + 63] == pytest.approx(math.cos(2 * math.pi * 0.4 / t), abs=1e-6)
 
@@ -169,8 +199,13 @@ def test_recipe_configs_instantiate(name):
     resnet = model.backbone.bottom_up
     assert len(resnet.res4) == (23 if "r101" in name else 6)
     encoder = model.encoder if "fcos" in name else model.roi_heads.box_head.encoder
-    assert len(encoder.layers) == 6 and encoder.layers[0].normalize_before and encoder.norm is not None
-    assert encoder.layers[0].ffn.linear1.out_features == 2048 and encoder.layers[0].self_attn.embed_dim == 512
+    assert (
+        len(encoder.layers) == 6 and encoder.layers[0].normalize_before and encoder.norm is not None
+    )
+    assert (
+        encoder.layers[0].ffn.linear1.out_features == 2048
+        and encoder.layers[0].self_attn.embed_dim == 512
+    )
     assert set(model.backbone.output_shape()) >= {"p3", "p4", "p5", "p6", "p7"}
 
 
@@ -184,7 +219,10 @@ def test_synthetic_config_matches_detr_synthetic(name):
     encoder = cfg.model.encoder if "fcos" in name else cfg.model.roi_heads.box_head.encoder
     hidden = cfg.model.hidden_dim if "fcos" in name else cfg.model.roi_heads.box_head.hidden_dim
     assert (hidden, encoder.num_layers, encoder.layer.dim_feedforward) == (
-        detr.model.hidden_dim, detr.model.encoder.num_layers, detr.model.encoder.layer.dim_feedforward)
+        detr.model.hidden_dim,
+        detr.model.encoder.num_layers,
+        detr.model.encoder.layer.dim_feedforward,
+    )
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)
@@ -195,10 +233,14 @@ def test_synthetic_config_trains_and_predicts(name):
     assert torch.isfinite(total) and len(losses) == 4
     total.backward()
     encoder = [p.grad for n, p in model.named_parameters() if "encoder." in n]
-    assert encoder and all(g is not None for g in encoder) and any(g.abs().sum() > 0 for g in encoder)
+    assert (
+        encoder and all(g is not None for g in encoder) and any(g.abs().sum() > 0 for g in encoder)
+    )
     model.eval()
     with torch.no_grad():
-        out = model([image_input(72, 100, with_instances=False), image_input(128, 96, with_instances=False)])
+        out = model(
+            [image_input(72, 100, with_instances=False), image_input(128, 96, with_instances=False)]
+        )
     for o, (h, w) in zip(out, [(72, 100), (128, 96)]):
         inst = o["instances"]
         assert 0 < len(inst) <= 100 and inst.image_size == (h, w)
@@ -208,12 +250,17 @@ def test_synthetic_config_trains_and_predicts(name):
 
 
 def test_batches_without_any_object_and_fewer_than_700_proposals():
-    rcnn = small_model(SYNTHETIC[1], "model.proposal_generator.post_nms_topk=[700,700]",
-                       "model.roi_heads.batch_size_per_image=700").train()
+    rcnn = small_model(
+        SYNTHETIC[1],
+        "model.proposal_generator.post_nms_topk=[700,700]",
+        "model.roi_heads.batch_size_per_image=700",
+    ).train()
     images = [image_input(64, 64, [], [], seed=0), image_input(48, 64, [], [], seed=1)]
     with EventStorage():
         norm = rcnn.preprocess_image(images)
-        proposals, _ = rcnn.proposal_generator(norm, rcnn.backbone(norm.tensor), [x["instances"] for x in images])
+        proposals, _ = rcnn.proposal_generator(
+            norm, rcnn.backbone(norm.tensor), [x["instances"] for x in images]
+        )
     assert all(0 < len(p) < 700 for p in proposals)
     for model in (rcnn, small_model(SYNTHETIC[0]).train()):
         losses = model(images)
@@ -226,13 +273,16 @@ def test_fcos_inference_with_and_without_nms():
     images, mask = model.preprocess_image([image_input(128, 128, with_instances=False)])
     with torch.no_grad():
         outputs = model.compute_outputs(images, mask)
-        nms = model.detect(outputs, images.image_sizes)[0]  # before detector_postprocess drops empty boxes
+        nms = model.detect(outputs, images.image_sizes)[
+            0
+        ]  # before detector_postprocess drops empty boxes
         model.test_nms_thresh = None
         raw = model.detect(outputs, images.image_sizes)[0]
     assert len(raw) == 100 and (raw.scores[:-1] >= raw.scores[1:]).all() and len(nms) <= 100
     probs = outputs["pred_logits"][0].sigmoid().flatten()
     assert torch.allclose(raw.scores, probs.topk(100).values.sqrt())  # score = sqrt(p), as released
     from detectron2.structures import pairwise_iou
+
     for c in nms.pred_classes.unique():
         boxes = nms.pred_boxes[nms.pred_classes == c]
         iou = pairwise_iou(boxes, boxes).fill_diagonal_(0)
@@ -248,12 +298,19 @@ def test_fcos_class_loss_weights_and_normaliser():
     logits[0, 1, 4] = 1.0  # FoI 1 is the more confident one
     ltrb = torch.ones(1, 3, 4)
     outputs = {
-        "local_logits": torch.zeros(1, 5, k), "fcos_labels": torch.tensor([[4, 4, k, k, k]]),
-        "fcos_gt_index": torch.tensor([[0, 0, -1, -1, -1]]), "fcos_reg_targets": torch.ones(1, 5, 4),
-        "selected": torch.tensor([[0, 1, 2]]), "valid": torch.ones(1, 3, dtype=torch.bool),
-        "pred_logits": logits, "pred_ltrb": ltrb, "pred_ctrness": torch.zeros(1, 3)}
+        "local_logits": torch.zeros(1, 5, k),
+        "fcos_labels": torch.tensor([[4, 4, k, k, k]]),
+        "fcos_gt_index": torch.tensor([[0, 0, -1, -1, -1]]),
+        "fcos_reg_targets": torch.ones(1, 5, 4),
+        "selected": torch.tensor([[0, 1, 2]]),
+        "valid": torch.ones(1, 3, dtype=torch.bool),
+        "pred_logits": logits,
+        "pred_ltrb": ltrb,
+        "pred_ctrness": torch.zeros(1, 3),
+    }
     losses = crit(outputs)
     from detr_variants.modeling.criterion import sigmoid_focal_loss
+
     targets = torch.zeros(3, k)
     targets[1, 4] = 1
     weights = torch.ones(3, k)
@@ -261,17 +318,28 @@ def test_fcos_class_loss_weights_and_normaliser():
     expected = (sigmoid_focal_loss(logits[0], targets) * weights).sum() / (2 * (1 + 0.1 * 2))
     assert losses["loss_fcos_cls"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert losses["loss_fcos_loc"].item() == pytest.approx(0.0, abs=1e-6)  # perfect boxes
-    bce = nn.functional.binary_cross_entropy_with_logits(torch.zeros(2), torch.ones(2), reduction="sum") / 2
-    assert losses["loss_fcos_ctr"].item() == pytest.approx(bce.item(), rel=1e-5)  # centerness target 1
+    bce = (
+        nn.functional.binary_cross_entropy_with_logits(
+            torch.zeros(2), torch.ones(2), reduction="sum"
+        )
+        / 2
+    )
+    assert losses["loss_fcos_ctr"].item() == pytest.approx(
+        bce.item(), rel=1e-5
+    )  # centerness target 1
 
 
 def test_rcnn_class_loss_matches_the_lowest_cost_candidate():
     predictor = small_model(SYNTHETIC[1]).roi_heads.box_predictor
     k = predictor.num_classes
     boxes = torch.tensor([[10.0, 10, 50, 50], [12, 12, 52, 52], [60, 60, 90, 90], [0, 0, 5, 5]])
-    props = Instances((100, 100), proposal_boxes=Boxes(boxes), gt_classes=torch.tensor([2, 2, 4, k]),
-                      gt_boxes=Boxes(torch.tensor([[10.0, 10, 50, 50]] * 2 + [[60.0, 60, 90, 90]] * 2)),
-                      gt_idxs=torch.tensor([0, 0, 1, 1]))
+    props = Instances(
+        (100, 100),
+        proposal_boxes=Boxes(boxes),
+        gt_classes=torch.tensor([2, 2, 4, k]),
+        gt_boxes=Boxes(torch.tensor([[10.0, 10, 50, 50]] * 2 + [[60.0, 60, 90, 90]] * 2)),
+        gt_idxs=torch.tensor([0, 0, 1, 1]),
+    )
     scores = torch.zeros(4, k + 1)
     scores[1, 2] = 3.0  # RoI 1 is confident, but its box is worse; cost decides
     deltas = torch.zeros(4, 4 * k)
@@ -280,6 +348,7 @@ def test_rcnn_class_loss_matches_the_lowest_cost_candidate():
     # costs: RoI 0 -p + 2·0 (perfect box), RoI 1 -p' + 2·GIoU loss; recompute and pick the lower
     p = scores.softmax(-1)
     from fvcore.nn import giou_loss
+
     c0 = -p[0, 2] + 2 * giou_loss(boxes[0], boxes[0])
     c1 = -p[1, 2] + 2 * giou_loss(boxes[1], torch.tensor([10.0, 10, 50, 50]))
     winner = 0 if c0 <= c1 else 1
@@ -295,21 +364,34 @@ def test_rcnn_class_loss_matches_the_lowest_cost_candidate():
 
 
 def test_cascade_option_trains_and_predicts():
-    cfg = apply_overrides(get_config(SYNTHETIC[1]), ["model.roi_heads.box_head.encoder.num_layers=1"])
+    cfg = apply_overrides(
+        get_config(SYNTHETIC[1]), ["model.roi_heads.box_head.encoder.num_layers=1"]
+    )
     heads = cfg.model.roi_heads
     predictors = []
     for weights in ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0)):
         p = copy.deepcopy(heads.box_predictor)
-        p.update(cls_agnostic_bbox_reg=True, box2box_transform=L(Box2BoxTransform)(weights=weights),
-                 num_classes=cfg.model.roi_heads.num_classes, hidden_dim=heads.box_head.hidden_dim)
+        p.update(
+            cls_agnostic_bbox_reg=True,
+            box2box_transform=L(Box2BoxTransform)(weights=weights),
+            num_classes=cfg.model.roi_heads.num_classes,
+            hidden_dim=heads.box_head.hidden_dim,
+        )
         predictors.append(p)
-    box_head = copy.deepcopy(heads.box_head)  # in a list, relative interpolations would change meaning
+    box_head = copy.deepcopy(
+        heads.box_head
+    )  # in a list, relative interpolations would change meaning
     box_head.in_channels = cfg.model.backbone.out_channels
     box_head.encoder.layer.d_model = box_head.encoder.norm.normalized_shape = box_head.hidden_dim
-    heads.update(_target_=CascadeTransformerROIHeads, box_heads=[box_head, copy.deepcopy(box_head)],
-                 box_predictors=predictors,
-                 proposal_matchers=[L(Matcher)(thresholds=[t], labels=[0, 1], allow_low_quality_matches=False)
-                                    for t in (0.5, 0.7)])
+    heads.update(
+        _target_=CascadeTransformerROIHeads,
+        box_heads=[box_head, copy.deepcopy(box_head)],
+        box_predictors=predictors,
+        proposal_matchers=[
+            L(Matcher)(thresholds=[t], labels=[0, 1], allow_low_quality_matches=False)
+            for t in (0.5, 0.7)
+        ],
+    )
     for key in ("box_head", "box_predictor", "proposal_matcher"):
         del heads[key]
     torch.manual_seed(0)
@@ -322,9 +404,14 @@ def test_cascade_option_trains_and_predicts():
     with torch.no_grad():
         assert len(model([image_input(96, 96, with_instances=False)])[0]["instances"]) > 0
     # the released cascade's names (box_head.<stage>.*) convert too
-    reference = {k: torch.randn_like(v) if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
+    reference = {
+        k: torch.randn_like(v) if v.dtype.is_floating_point else v
+        for k, v in model.state_dict().items()
+    }
     converted = convert_checkpoint(_official_rcnn_names(reference), "official", "tsp_rcnn")
-    assert set(converted) == set(reference) and all(torch.equal(converted[k], v) for k, v in reference.items())
+    assert set(converted) == set(reference) and all(
+        torch.equal(converted[k], v) for k, v in reference.items()
+    )
 
 
 # ------------------------------------------------------------------ hybrid optimizer and clipping
@@ -339,9 +426,20 @@ class _Toy(nn.Module):
 
 
 def _toy_optimizer(model):
-    return HybridOptimizer(hybrid_param_groups(model, lr=0.01, adamw_lr=1e-4, weight_decay=1e-4,
-                                               adamw_params=["encoder."], weight_decay_norm=0.0),
-                           lr=0.01, momentum=0.9, adamw_lr=1e-4, weight_decay=1e-4)
+    return HybridOptimizer(
+        hybrid_param_groups(
+            model,
+            lr=0.01,
+            adamw_lr=1e-4,
+            weight_decay=1e-4,
+            adamw_params=["encoder."],
+            weight_decay_norm=0.0,
+        ),
+        lr=0.01,
+        momentum=0.9,
+        adamw_lr=1e-4,
+        weight_decay=1e-4,
+    )
 
 
 def test_hybrid_optimizer_groups_follow_the_recipe():
@@ -357,8 +455,12 @@ def test_hybrid_optimizer_groups_follow_the_recipe():
     assert {g["lr"] for g in opt.adamw.param_groups} == {1e-4}
     assert {g["lr"] for g in opt.sgd.param_groups} == {0.01}
     assert all(g["momentum"] == 0.9 for g in opt.sgd.param_groups)
-    norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d))
-             for p in m.parameters(recurse=False)}
+    norms = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d))
+        for p in m.parameters(recurse=False)
+    }
     for g in opt.param_groups:
         assert g["weight_decay"] == (0.0 if all(id(p) in norms for p in g["params"]) else 1e-4)
     assert opt.param_groups == opt.sgd.param_groups + opt.adamw.param_groups
@@ -368,15 +470,21 @@ def test_hybrid_optimizer_lr_schedule_and_state_dict_round_trip():
     torch.manual_seed(0)
     model = _Toy()
     opt = _toy_optimizer(model)
-    scheduler = LRMultiplier(opt, MultiStepParamScheduler([1.0, 0.1], milestones=[5], num_updates=10), max_iter=10)
+    scheduler = LRMultiplier(
+        opt, MultiStepParamScheduler([1.0, 0.1], milestones=[5], num_updates=10), max_iter=10
+    )
     x = torch.randn(8, 4)
     for _ in range(6):
         opt.zero_grad()
         model(x).square().sum().backward()
         opt.step()
         scheduler.step()
-    assert [g["lr"] for g in opt.sgd.param_groups] == pytest.approx([0.001] * len(opt.sgd.param_groups))
-    assert [g["lr"] for g in opt.adamw.param_groups] == pytest.approx([1e-5] * len(opt.adamw.param_groups))
+    assert [g["lr"] for g in opt.sgd.param_groups] == pytest.approx(
+        [0.001] * len(opt.sgd.param_groups)
+    )
+    assert [g["lr"] for g in opt.adamw.param_groups] == pytest.approx(
+        [1e-5] * len(opt.adamw.param_groups)
+    )
 
     state = copy.deepcopy(opt.state_dict())
     clone = copy.deepcopy(model)
@@ -384,7 +492,9 @@ def test_hybrid_optimizer_lr_schedule_and_state_dict_round_trip():
     restored.load_state_dict(state)
     assert restored.param_groups == restored.sgd.param_groups + restored.adamw.param_groups
     assert [g["lr"] for g in restored.param_groups] == [g["lr"] for g in opt.param_groups]
-    restored.param_groups[0]["lr"] = 0.5  # what LRMultiplier does: it must reach the inner optimizer
+    restored.param_groups[0]["lr"] = (
+        0.5  # what LRMultiplier does: it must reach the inner optimizer
+    )
     assert restored.sgd.param_groups[0]["lr"] == 0.5
     restored.param_groups[0]["lr"] = opt.param_groups[0]["lr"]
     for m, o in ((model, opt), (clone, restored)):
@@ -417,11 +527,15 @@ def test_clipping_only_the_transformer_parameters():
     seen = {}
 
     def record(*args, **kwargs):
-        seen["encoder"] = torch.norm(torch.stack([p.grad.norm() for p in model.encoder.parameters()]))
+        seen["encoder"] = torch.norm(
+            torch.stack([p.grad.norm() for p in model.encoder.parameters()])
+        )
         seen["head"] = torch.norm(torch.stack([p.grad.norm() for p in model.head.parameters()]))
 
     opt.step = record
-    trainer = SetPredictionTrainer(wrapper, [[torch.randn(4, 4)]] * 2, opt, clip_max_norm=0.01, clip_params=params)
+    trainer = SetPredictionTrainer(
+        wrapper, [[torch.randn(4, 4)]] * 2, opt, clip_max_norm=0.01, clip_params=params
+    )
     with EventStorage(0) as storage:
         trainer.storage = storage
         trainer.iter = 0
@@ -431,15 +545,28 @@ def test_clipping_only_the_transformer_parameters():
 
 
 def test_training_loop_with_the_hybrid_optimizer_checkpoints_and_resumes(tiny_shapes, tmp_path):
-    cfg = apply_overrides(get_config(SYNTHETIC[0]), [
-        "model.encoder.num_layers=1", "model.num_fois=50",
-        "dataloader.train.dataset.names=tiny_shapes_train", "dataloader.test.dataset.names=tiny_shapes_val",
-        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.train.mapper.augmentations.min_sizes=[64]", "dataloader.train.mapper.augmentations.max_size=96",
-        "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
-        "dataloader.train.mapper.augmentations.crop_size=[48,64]",
-        f"train.output_dir={tmp_path}", "train.max_iter=2", "train.log_period=1", "train.eval_period=-1",
-        "train.checkpointer.period=1", "train.seed=0"])
+    cfg = apply_overrides(
+        get_config(SYNTHETIC[0]),
+        [
+            "model.encoder.num_layers=1",
+            "model.num_fois=50",
+            "dataloader.train.dataset.names=tiny_shapes_train",
+            "dataloader.test.dataset.names=tiny_shapes_val",
+            "dataloader.train.total_batch_size=2",
+            "dataloader.train.num_workers=0",
+            "dataloader.test.num_workers=0",
+            "dataloader.train.mapper.augmentations.min_sizes=[64]",
+            "dataloader.train.mapper.augmentations.max_size=96",
+            "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
+            "dataloader.train.mapper.augmentations.crop_size=[48,64]",
+            f"train.output_dir={tmp_path}",
+            "train.max_iter=2",
+            "train.log_period=1",
+            "train.eval_period=-1",
+            "train.checkpointer.period=1",
+            "train.seed=0",
+        ],
+    )
     train(cfg)
     checkpoint = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)
     state = checkpoint["trainer"]["optimizer"]
@@ -449,40 +576,67 @@ def test_training_loop_with_the_hybrid_optimizer_checkpoints_and_resumes(tiny_sh
     with open(os.path.join(tmp_path, "metrics.json")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     iterations = [r["iteration"] for r in records if "total_loss" in r]
-    assert iterations == [0, 1, 2] and all(math.isfinite(r["total_loss"]) for r in records if "total_loss" in r)
+    assert iterations == [0, 1, 2] and all(
+        math.isfinite(r["total_loss"]) for r in records if "total_loss" in r
+    )
 
 
 # ------------------------------------------------------------------ official checkpoints
 def _official_fcos_names(state_dict):
     """Our TSP-FCOS names → the released ``MyFCOS`` names (the converter's inverse)."""
-    rules = [(r"^backbone\.top_block\.(p[67])\.norm\.", r"backbone.top_block.\1.bn."),
-             (r"^backbone\.top_block\.(p[67])\.(weight|bias)$", r"backbone.top_block.\1.conv.\2"),
-             (r"^foi_head\.cls_subnet\.", "fcos_head.cls_tower."),
-             (r"^foi_head\.bbox_subnet\.", "fcos_head.bbox_tower."),
-             (r"^foi_head\.cls_score\.", "fcos_head.cls_logits."), (r"^level_embed$", "pyramid_position_embedding"),
-             (r"^input_proj\.", "enc_proj."), (r"^input_norm\.", "post_enc_proj_norm."),
-             (r"^class_embed\.", "cls_logits."), (r"^bbox_embed\.", "bbox_pred."),
-             (r"^encoder\.", "transformer_encoder.")]
-    return _rename(state_dict, rules) | {"pixel_mean": torch.zeros(3, 1, 1), "pixel_std": torch.ones(3, 1, 1)}
+    rules = [
+        (r"^backbone\.top_block\.(p[67])\.norm\.", r"backbone.top_block.\1.bn."),
+        (r"^backbone\.top_block\.(p[67])\.(weight|bias)$", r"backbone.top_block.\1.conv.\2"),
+        (r"^foi_head\.cls_subnet\.", "fcos_head.cls_tower."),
+        (r"^foi_head\.bbox_subnet\.", "fcos_head.bbox_tower."),
+        (r"^foi_head\.cls_score\.", "fcos_head.cls_logits."),
+        (r"^level_embed$", "pyramid_position_embedding"),
+        (r"^input_proj\.", "enc_proj."),
+        (r"^input_norm\.", "post_enc_proj_norm."),
+        (r"^class_embed\.", "cls_logits."),
+        (r"^bbox_embed\.", "bbox_pred."),
+        (r"^encoder\.", "transformer_encoder."),
+    ]
+    return _rename(state_dict, rules) | {
+        "pixel_mean": torch.zeros(3, 1, 1),
+        "pixel_std": torch.ones(3, 1, 1),
+    }
 
 
 def _official_rcnn_names(state_dict):
     """Our TSP-RCNN names → the released ones (the converter's inverse)."""
     rpn = "proposal_generator.rpn_head."
-    rules = [(r"^backbone\.top_block\.(p[67])\.norm\.", r"backbone.top_block.\1.bn."),
-             (r"^backbone\.top_block\.(p[67])\.(weight|bias)$", r"backbone.top_block.\1.conv.\2"),
-             (r"^" + rpn + r"(obj|anchor)_convs\.(\d+)\.", rpn + r"\1_conv.\2.conv."),
-             (r"^" + rpn + r"(obj|anchor)_norms\.", rpn + r"\1_bn_list."),
-             (r"^roi_heads\.box_head\.((?:\d+\.)?)encoder\.", r"roi_heads.box_head.\1transformer_encoder."),
-             (r"^roi_heads\.box_head\.((?:\d+\.)?)input_norm\.", r"roi_heads.box_head.\1post_input_proj_norm."),
-             (r"^roi_heads\.box_head\.((?:\d+\.)?)pos_proj\.", r"roi_heads.box_head.\1dec_pos_embed_proj.")]
-    return _rename(state_dict, rules) | {"pixel_mean": torch.zeros(3, 1, 1), "pixel_std": torch.ones(3, 1, 1),
-                                         "proposal_generator.anchor_generator.cell_anchors.0": torch.zeros(9, 4)}
+    rules = [
+        (r"^backbone\.top_block\.(p[67])\.norm\.", r"backbone.top_block.\1.bn."),
+        (r"^backbone\.top_block\.(p[67])\.(weight|bias)$", r"backbone.top_block.\1.conv.\2"),
+        (r"^" + rpn + r"(obj|anchor)_convs\.(\d+)\.", rpn + r"\1_conv.\2.conv."),
+        (r"^" + rpn + r"(obj|anchor)_norms\.", rpn + r"\1_bn_list."),
+        (
+            r"^roi_heads\.box_head\.((?:\d+\.)?)encoder\.",
+            r"roi_heads.box_head.\1transformer_encoder.",
+        ),
+        (
+            r"^roi_heads\.box_head\.((?:\d+\.)?)input_norm\.",
+            r"roi_heads.box_head.\1post_input_proj_norm.",
+        ),
+        (
+            r"^roi_heads\.box_head\.((?:\d+\.)?)pos_proj\.",
+            r"roi_heads.box_head.\1dec_pos_embed_proj.",
+        ),
+    ]
+    return _rename(state_dict, rules) | {
+        "pixel_mean": torch.zeros(3, 1, 1),
+        "pixel_std": torch.ones(3, 1, 1),
+        "proposal_generator.anchor_generator.cell_anchors.0": torch.zeros(9, 4),
+    }
 
 
 def _rename(state_dict, rules):
-    layer = [(r"\.ffn\.norm\.", ".norm2."), (r"\.ffn\.linear", ".linear"),
-             (r"\.layers\.(\d+)\.norm\.", r".layers.\1.norm1.")]
+    layer = [
+        (r"\.ffn\.norm\.", ".norm2."),
+        (r"\.ffn\.linear", ".linear"),
+        (r"\.layers\.(\d+)\.norm\.", r".layers.\1.norm1."),
+    ]
     out = {}
     for name, value in state_dict.items():
         for pattern, repl in rules:
@@ -496,14 +650,26 @@ def _rename(state_dict, rules):
     return out
 
 
-@pytest.mark.parametrize("name,arch,inverse", [(SYNTHETIC[0], "tsp_fcos", _official_fcos_names),
-                                               (SYNTHETIC[1], "tsp_rcnn", _official_rcnn_names)])
+@pytest.mark.parametrize(
+    "name,arch,inverse",
+    [
+        (SYNTHETIC[0], "tsp_fcos", _official_fcos_names),
+        (SYNTHETIC[1], "tsp_rcnn", _official_rcnn_names),
+    ],
+)
 def test_official_converter_round_trip(name, arch, inverse):
-    model = small_model(name, "model.num_classes=80" if "fcos" in name else "model.roi_heads.num_classes=80")
-    reference = {k: torch.randn_like(v) if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
+    model = small_model(
+        name, "model.num_classes=80" if "fcos" in name else "model.roi_heads.num_classes=80"
+    )
+    reference = {
+        k: torch.randn_like(v) if v.dtype.is_floating_point else v
+        for k, v in model.state_dict().items()
+    }
     official = inverse(reference)
-    assert "transformer_encoder.layers.0.norm1.weight" in official or \
-        "roi_heads.box_head.transformer_encoder.layers.0.norm1.weight" in official
+    assert (
+        "transformer_encoder.layers.0.norm1.weight" in official
+        or "roi_heads.box_head.transformer_encoder.layers.0.norm1.weight" in official
+    )
     converted = convert_checkpoint({"model": official}, "official", arch)
     assert set(converted) == set(reference)
     for key, value in reference.items():
@@ -511,4 +677,6 @@ def test_official_converter_round_trip(name, arch, inverse):
     incompatible = Checkpointer(model, strict=True)._load_model({"model": converted})
     assert not incompatible.unexpected_keys
     with pytest.raises(KeyError, match="not understood"):
-        convert_checkpoint({"model": official | {"some.unknown.weight": torch.zeros(1)}}, "official", arch)
+        convert_checkpoint(
+            {"model": official | {"some.unknown.weight": torch.zeros(1)}}, "official", arch
+        )

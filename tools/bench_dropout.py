@@ -8,6 +8,7 @@ The tensor is the FFN activation of a Deformable DETR encoder layer at 512x512, 
 
   python tools/bench_dropout.py [--repeat 10] [--threads 2] [--output output/bench_dropout.json]
 """
+
 import argparse
 import json
 import os
@@ -26,7 +27,9 @@ from detr_variants._native import _C  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--p", type=float, default=0.1)
@@ -54,8 +57,13 @@ def main():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    result = {"shape": list(x.shape), "p": args.p, "threads": args.threads, "torch": torch.__version__,
-              "median_ms": {name: 1e3 * statistics.median(t) for name, t in times.items()}}
+    result = {
+        "shape": list(x.shape),
+        "p": args.p,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "median_ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
+    }
     for name, ms in result["median_ms"].items():
         print(f"{name:28s} {ms:7.1f} ms")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)

@@ -21,6 +21,7 @@ Reported per case and dtype, native and PyTorch side by side, with their ratios:
 
   python tools/bench_ops.py [--device cpu|cuda] [--repeat 5] [--threads N] [--output PATH]
 """
+
 import argparse
 import importlib
 import json
@@ -46,7 +47,11 @@ S_TOTAL = sum(h * w for h, w in LEVELS)
 CASES = {"encoder": S_TOTAL, "decoder": 300}
 IMPLS = ("native", "pytorch")
 # The bars the CPU kernels must clear (encoder case, float32).
-CPU_BARS = {"forward_speedup": 4.0, "forward_backward_speedup": 3.0, "forward_backward_memory_ratio": 0.25}
+CPU_BARS = {
+    "forward_speedup": 4.0,
+    "forward_backward_speedup": 3.0,
+    "forward_backward_memory_ratio": 0.25,
+}
 
 
 def make_inputs(num_queries, dtype, device, seed=0):
@@ -57,7 +62,11 @@ def make_inputs(num_queries, dtype, device, seed=0):
     L = len(LEVELS)
     value = torch.randn(1, S_TOTAL, HEADS, CHANNELS, generator=g)
     loc = torch.rand(1, num_queries, HEADS, L, POINTS, 2, generator=g)
-    attn = torch.randn(1, num_queries, HEADS, L * POINTS, generator=g).softmax(-1).view(1, num_queries, HEADS, L, POINTS)
+    attn = (
+        torch.randn(1, num_queries, HEADS, L * POINTS, generator=g)
+        .softmax(-1)
+        .view(1, num_queries, HEADS, L, POINTS)
+    )
     value, loc, attn = (t.to(device=device, dtype=dtype) for t in (value, loc, attn))
     return value, shapes.to(device), starts.to(device), loc, attn
 
@@ -98,7 +107,9 @@ def time_paths(inputs, device, repeat):
                 sync(device)
                 times[(impl, mode)].append((time.perf_counter() - t0) * 1e3)
                 del result
-    return {k: {"median_ms": statistics.median(v[1:]), "min_ms": min(v[1:])} for k, v in times.items()}
+    return {
+        k: {"median_ms": statistics.median(v[1:]), "min_ms": min(v[1:])} for k, v in times.items()
+    }
 
 
 # ------------------------------------------------------------------------------ memory (CPU)
@@ -144,7 +155,10 @@ def cpu_memory(case, queries, dtype, impl, threads):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)],
-        env=env, capture_output=True, text=True, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
@@ -154,7 +168,10 @@ def cpu_memory(case, queries, dtype, impl, threads):
 
 def cuda_memory(inputs, impl):
     out = {}
-    for key, fn in (("forward_peak_bytes", run_forward), ("forward_backward_peak_bytes", run_forward_backward)):
+    for key, fn in (
+        ("forward_peak_bytes", run_forward),
+        ("forward_backward_peak_bytes", run_forward_backward),
+    ):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -179,11 +196,17 @@ def fmt_mb(x):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtypes", default=None, help="comma list (default: cpu float32; cuda float32,bfloat16)")
+    parser.add_argument(
+        "--dtypes", default=None, help="comma list (default: cpu float32; cuda float32,bfloat16)"
+    )
     parser.add_argument("--cases", default="encoder,decoder")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (after one warm-up)")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="timed runs per measurement (after one warm-up)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--output", default=os.path.join("output", "bench_ops.json"))
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -201,11 +224,16 @@ def main():
         parser.error("--device cuda needs a GPU")
     dtypes = (args.dtypes or ("float32" if device == "cpu" else "float32,bfloat16")).split(",")
     if not msda.native_available(device):
-        print(f"warning: native kernels not built for {device}; 'native' falls back to PyTorch", file=sys.stderr)
+        print(
+            f"warning: native kernels not built for {device}; 'native' falls back to PyTorch",
+            file=sys.stderr,
+        )
 
     env = {
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name()
+        if device == "cuda"
+        else (platform.processor() or platform.machine()),
         "threads": threads,
         "torch": torch.__version__,
         "native_available": msda.native_available(device),
@@ -214,12 +242,20 @@ def main():
     }
     try:
         with open("/proc/cpuinfo") as f:
-            env["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+            env["cpu_model"] = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
+            )
     except OSError:
         pass
     report = {
         "description": __doc__.strip().split("\n\n", 1)[1],
-        "shapes": {"levels": LEVELS, "heads": HEADS, "channels_per_head": CHANNELS, "points": POINTS, "batch": 1},
+        "shapes": {
+            "levels": LEVELS,
+            "heads": HEADS,
+            "channels_per_head": CHANNELS,
+            "points": POINTS,
+            "batch": 1,
+        },
         "memory_method": (
             "cuda: torch.cuda.max_memory_allocated minus memory_allocated before the call"
             if device == "cuda"
@@ -231,7 +267,7 @@ def main():
         "results": [],
     }
 
-    header = (f"{'case':8} {'dtype':8} {'path':8} {'fwd ms':>9} {'fwd+bwd ms':>10} {'fwd MB':>9} {'fwd+bwd MB':>10}")
+    header = f"{'case':8} {'dtype':8} {'path':8} {'fwd ms':>9} {'fwd+bwd ms':>10} {'fwd MB':>9} {'fwd+bwd MB':>10}"
     lines = [header, "-" * len(header)]
     for case in args.cases.split(","):
         queries = CASES[case]
@@ -260,7 +296,9 @@ def main():
             nat, ref = rows["native"], rows["pytorch"]
             ratios = {
                 "forward_speedup": ratio(ref["forward_ms"], nat["forward_ms"]),
-                "forward_backward_speedup": ratio(ref["forward_backward_ms"], nat["forward_backward_ms"]),
+                "forward_backward_speedup": ratio(
+                    ref["forward_backward_ms"], nat["forward_backward_ms"]
+                ),
                 "forward_memory_ratio": ratio(nat["forward_peak_bytes"], ref["forward_peak_bytes"]),
                 "forward_backward_memory_ratio": ratio(
                     nat["forward_backward_peak_bytes"], ref["forward_backward_peak_bytes"]
@@ -270,26 +308,39 @@ def main():
                 f"{'':8} {'':8} {'ratio':8} {ratios['forward_speedup'] or 0:8.2f}x {ratios['forward_backward_speedup'] or 0:9.2f}x "
                 f"{ratios['forward_memory_ratio'] or 0:9.3f} {ratios['forward_backward_memory_ratio'] or 0:10.3f}"
             )
-            entry = {"case": case, "queries": queries, "dtype": dtype_name, **{k: v for k, v in rows.items()},
-                     "ratios": ratios}
+            entry = {
+                "case": case,
+                "queries": queries,
+                "dtype": dtype_name,
+                **{k: v for k, v in rows.items()},
+                "ratios": ratios,
+            }
             if device == "cpu" and case == "encoder" and dtype_name == "float32":
                 entry["bars"] = {
-                    "forward_speedup >= 4": (ratios["forward_speedup"] or 0) >= CPU_BARS["forward_speedup"],
+                    "forward_speedup >= 4": (ratios["forward_speedup"] or 0)
+                    >= CPU_BARS["forward_speedup"],
                     "forward_backward_speedup >= 3": (ratios["forward_backward_speedup"] or 0)
                     >= CPU_BARS["forward_backward_speedup"],
-                    "forward_backward_memory_ratio <= 0.25": ratios["forward_backward_memory_ratio"] is not None
-                    and ratios["forward_backward_memory_ratio"] <= CPU_BARS["forward_backward_memory_ratio"],
+                    "forward_backward_memory_ratio <= 0.25": ratios["forward_backward_memory_ratio"]
+                    is not None
+                    and ratios["forward_backward_memory_ratio"]
+                    <= CPU_BARS["forward_backward_memory_ratio"],
                 }
             report["results"].append(entry)
             del inputs
 
-    print(f"MSDeformAttn on {device} ({env.get('cpu_model') or env['device_name']}, {threads} threads, "
-          f"kernels: {env['cpu_isa'] if device == 'cpu' else 'cuda'}); times are medians of {args.repeat} runs")
+    print(
+        f"MSDeformAttn on {device} ({env.get('cpu_model') or env['device_name']}, {threads} threads, "
+        f"kernels: {env['cpu_isa'] if device == 'cpu' else 'cuda'}); times are medians of {args.repeat} runs"
+    )
     print("\n".join(lines))
     print("ratio row: PyTorch time / native time, native memory / PyTorch memory")
     for entry in report["results"]:
         if "bars" in entry:
-            print("CPU bars (encoder, float32): " + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in entry["bars"].items()))
+            print(
+                "CPU bars (encoder, float32): "
+                + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in entry["bars"].items())
+            )
     out_dir = os.path.dirname(args.output)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

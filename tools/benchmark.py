@@ -14,6 +14,7 @@ convolutions (torch.profiler). The HF model is random-initialised with the archi
 COCO checkpoint, converted with ``convert_checkpoint`` and loaded into ours, so both compute the
 same function. Nothing here is asserted: it writes numbers.
 """
+
 import argparse
 import ctypes
 import gc
@@ -34,7 +35,6 @@ import detr_variants  # noqa: F401
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
 from detr_variants.model_zoo import get_config
 
-
 # ------------------------------------------------------------------ HF peers
 # the official models (and ours) drop out attention weights and FFN activations at 0.1; HF's
 # defaults are 0, so the peers are configured to train the same computation
@@ -44,25 +44,41 @@ _OFFICIAL_DROPOUTS = dict(dropout=0.1, attention_dropout=0.1, activation_dropout
 def _hf_resnet50(out_features):
     from transformers import ResNetConfig
 
-    return ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-                        out_features=out_features)
+    return ResNetConfig(
+        depths=[3, 4, 6, 3],
+        hidden_sizes=[256, 512, 1024, 2048],
+        layer_type="bottleneck",
+        out_features=out_features,
+    )
 
 
 def hf_deformable_detr(**kwargs):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
-    cfg = DeformableDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
-                               auxiliary_loss=True,  # as ours and the official recipe
-                               **_OFFICIAL_DROPOUTS, backbone_config=_hf_resnet50(["stage2", "stage3", "stage4"]), **kwargs)
+    cfg = DeformableDetrConfig(
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        num_labels=91,
+        auxiliary_loss=True,  # as ours and the official recipe
+        **_OFFICIAL_DROPOUTS,
+        backbone_config=_hf_resnet50(["stage2", "stage3", "stage4"]),
+        **kwargs,
+    )
     return DeformableDetrForObjectDetection(cfg)
 
 
 def hf_conditional_detr(**kwargs):
     from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
 
-    cfg = ConditionalDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
-                                auxiliary_loss=True,  # as ours and the official recipe
-                                **_OFFICIAL_DROPOUTS, backbone_config=_hf_resnet50(["stage4"]), **kwargs)
+    cfg = ConditionalDetrConfig(
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        num_labels=91,
+        auxiliary_loss=True,  # as ours and the official recipe
+        **_OFFICIAL_DROPOUTS,
+        backbone_config=_hf_resnet50(["stage4"]),
+        **kwargs,
+    )
     return ConditionalDetrForObjectDetection(cfg)
 
 
@@ -82,13 +98,30 @@ def trainable_backbone_numel(backbone) -> int:
 
 # name: (config, HF builder or None, converter arch, paper GFLOPs)
 MODELS: Dict[str, tuple] = {
-    "deformable_detr_r50": ("deformable_detr/deformable_detr_r50_50ep", hf_deformable_detr, "deformable_detr", 173),
-    "deformable_detr_single_scale_r50": ("deformable_detr/deformable_detr_single_scale_r50_50ep", None, None, 78),
-    "deformable_detr_two_stage_r50": ("deformable_detr/deformable_detr_two_stage_r50_50ep",
-                                      lambda: hf_deformable_detr(with_box_refine=True, two_stage=True),
-                                      "deformable_detr", 173),
-    "conditional_detr_r50": ("conditional_detr/conditional_detr_r50_50ep", hf_conditional_detr,
-                             "conditional_detr", 90),
+    "deformable_detr_r50": (
+        "deformable_detr/deformable_detr_r50_50ep",
+        hf_deformable_detr,
+        "deformable_detr",
+        173,
+    ),
+    "deformable_detr_single_scale_r50": (
+        "deformable_detr/deformable_detr_single_scale_r50_50ep",
+        None,
+        None,
+        78,
+    ),
+    "deformable_detr_two_stage_r50": (
+        "deformable_detr/deformable_detr_two_stage_r50_50ep",
+        lambda: hf_deformable_detr(with_box_refine=True, two_stage=True),
+        "deformable_detr",
+        173,
+    ),
+    "conditional_detr_r50": (
+        "conditional_detr/conditional_detr_r50_50ep",
+        hf_conditional_detr,
+        "conditional_detr",
+        90,
+    ),
     "detr_r50": ("detr/detr_r50_500ep", None, None, 86),
     "smca_r50": ("smca_detr/smca_r50_50ep", None, None, 86),
     "smca_ms_r50": ("smca_detr/smca_ms_r50_50ep", None, None, 152),
@@ -134,13 +167,15 @@ def measure(fns: Dict[str, Callable[[], None]], repeat: int) -> Dict[str, Dict[s
     results = {name: {"peak_rss_increase_mb": peak_rss_increase_mb(fn)} for name, fn in fns.items()}
     times = {name: [] for name in fns}
     for i in range(repeat):
-        for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
+        for name, fn in list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]:
             fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     for name in fns:
-        results[name].update(seconds=statistics.median(times[name]), runs=[round(t, 3) for t in times[name]])
+        results[name].update(
+            seconds=statistics.median(times[name]), runs=[round(t, 3) for t in times[name]]
+        )
     return results
 
 
@@ -190,7 +225,12 @@ def hf_labels(batched, num_classes):
         h, w = x["instances"].image_size
         b = x["instances"].gt_boxes.tensor / torch.tensor([w, h, w, h])
         cxcywh = torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
-        labels.append({"class_labels": torch.tensor([ids[c] for c in x["instances"].gt_classes]), "boxes": cxcywh})
+        labels.append(
+            {
+                "class_labels": torch.tensor([ids[c] for c in x["instances"].gt_classes]),
+                "boxes": cxcywh,
+            }
+        )
     return labels
 
 
@@ -206,8 +246,11 @@ def gemm_conv_share(fn: Callable[[], None]) -> float:
         fn()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    dense = sum(e.self_cpu_time_total for e in events
-                if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or "conv" in e.key)
+    dense = sum(
+        e.self_cpu_time_total
+        for e in events
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or "conv" in e.key
+    )
     return dense / total
 
 
@@ -219,7 +262,9 @@ def benchmark(name: str, repeat: int) -> Dict:
     hf = None
     if hf_builder is not None:
         hf = hf_builder().eval()
-        Checkpointer(ours, strict=True)._load_model({"model": convert_checkpoint(hf.state_dict(), "hf", arch)})
+        Checkpointer(ours, strict=True)._load_model(
+            {"model": convert_checkpoint(hf.state_dict(), "hf", arch)}
+        )
         train_backbone_like_official(hf)
         if trainable_backbone_numel(hf.model.backbone) != trainable_backbone_numel(ours.backbone):
             raise RuntimeError(f"{name}: ours and HF would not train the same backbone parameters")
@@ -259,12 +304,16 @@ def benchmark(name: str, repeat: int) -> Dict:
         row[f"{who}_train_step"] = dict(result, gemm_conv_share=gemm_conv_share(train_steps[who]))
     if hf is not None:
         row["speedup_inference"] = row["hf_inference"]["seconds"] / row["ours_inference"]["seconds"]
-        row["speedup_train_step"] = row["hf_train_step"]["seconds"] / row["ours_train_step"]["seconds"]
+        row["speedup_train_step"] = (
+            row["hf_train_step"]["seconds"] / row["ours_train_step"]["seconds"]
+        )
     return row
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -277,16 +326,28 @@ def main():
         print(json.dumps(rows[-1], indent=1), flush=True)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"device": "cpu", "threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        json.dump(
+            {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "rows": rows},
+            f,
+            indent=2,
+        )
 
     def cell(row, key):
-        return f"{row[key]['seconds']:.2f} s / {row[key]['peak_rss_increase_mb']:.0f} MB" if key in row else "-"
+        return (
+            f"{row[key]['seconds']:.2f} s / {row[key]['peak_rss_increase_mb']:.0f} MB"
+            if key in row
+            else "-"
+        )
 
-    print("\n| model | GFLOPs (paper) | inference ours | inference HF | train step ours | train step HF |")
+    print(
+        "\n| model | GFLOPs (paper) | inference ours | inference HF | train step ours | train step HF |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['gflops']:.0f} ({r['paper_gflops']}) | {cell(r, 'ours_inference')} | "
-              f"{cell(r, 'hf_inference')} | {cell(r, 'ours_train_step')} | {cell(r, 'hf_train_step')} |")
+        print(
+            f"| {r['model']} | {r['gflops']:.0f} ({r['paper_gflops']}) | {cell(r, 'ours_inference')} | "
+            f"{cell(r, 'hf_inference')} | {cell(r, 'ours_train_step')} | {cell(r, 'hf_train_step')} |"
+        )
 
 
 if __name__ == "__main__":

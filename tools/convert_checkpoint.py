@@ -7,6 +7,7 @@
 The output holds ``{"model": state_dict}`` and loads with ``DetectionCheckpointer`` (set
 ``train.init_checkpoint`` to it).
 """
+
 import argparse
 
 import torch
@@ -24,14 +25,19 @@ def load_state_dict(path: str):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", required=True, choices=["official", "hf"])
     parser.add_argument("--arch", required=True)
     parser.add_argument("input")
     parser.add_argument("output")
     args = parser.parse_args()
     converted = convert_checkpoint(load_state_dict(args.input), args.source, args.arch)
-    torch.save({"model": converted, "__author__": f"{args.source} {args.arch} via detr_variants"}, args.output)
+    torch.save(
+        {"model": converted, "__author__": f"{args.source} {args.arch} via detr_variants"},
+        args.output,
+    )
     print(f"wrote {len(converted)} tensors to {args.output}")
 
 

@@ -10,6 +10,7 @@ The default is Deformable DETR, which beats DETR on synthetic_shapes (README). I
 iterations (the schedule is relative, so the lr drop stays at 80%) to keep training within 12
 minutes; `--config` runs any packaged config with its own iteration count.
 """
+
 import argparse
 import json
 import os
@@ -30,8 +31,14 @@ DEFAULT_DEMO_CONFIG = "deformable_detr/deformable_detr_r18_synthetic"
 DEFAULT_DEMO_OVERRIDES = ["train.max_iter=250"]
 
 
-def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_threshold: float = 0.3,
-                    at_least: int = 3) -> None:
+def predictions_png(
+    cfg,
+    weights: str,
+    path: str,
+    num_images: int = 6,
+    score_threshold: float = 0.3,
+    at_least: int = 3,
+) -> None:
     """Draws the predictions above ``score_threshold`` on the first validation images, in a grid;
     an image with fewer gets its ``at_least`` best ones (a short run's sigmoid scores are low), each
     labelled with its score."""
@@ -47,19 +54,25 @@ def predictions_png(cfg, weights: str, path: str, num_images: int = 6, score_thr
         instances = instances[instances.scores.argsort(descending=True)[:keep]]
         vis = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
         tiles.append(cv2.resize(vis.get_image(), (320, 320)))
-    rows = [np.concatenate(tiles[i:i + 3], axis=1) for i in range(0, len(tiles), 3)]
+    rows = [np.concatenate(tiles[i : i + 3], axis=1) for i in range(0, len(tiles), 3)]
     cv2.imwrite(path, np.concatenate(rows, axis=0)[:, :, ::-1])
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_DEMO_CONFIG, help="packaged config (project/name)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=DEFAULT_DEMO_CONFIG, help="packaged config (project/name)"
+    )
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("opts", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
     defaults = DEFAULT_DEMO_OVERRIDES if args.config == DEFAULT_DEMO_CONFIG else []
-    cfg = apply_overrides(get_config(args.config), [*defaults, f"train.output_dir={args.output_dir}", *args.opts])
+    cfg = apply_overrides(
+        get_config(args.config), [*defaults, f"train.output_dir={args.output_dir}", *args.opts]
+    )
     cfg.dataloader.evaluator.output_dir = os.path.join(args.output_dir, "inference")
     setup_logger(args.output_dir, name="detectron2")
     setup_logger(args.output_dir, name="detr_variants")
@@ -71,12 +84,22 @@ def main():
     png = os.path.join(args.output_dir, "predictions.png")
     predictions_png(cfg, os.path.join(args.output_dir, "model_final.pth"), png)
 
-    summary = {"config": args.config, "iterations": cfg.train.max_iter, "seconds_train_and_eval": train_eval_seconds,
-               **{k: box[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}}
+    summary = {
+        "config": args.config,
+        "iterations": cfg.train.max_iter,
+        "seconds_train_and_eval": train_eval_seconds,
+        **{k: box[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+    }
     with open(os.path.join(args.output_dir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"\n{args.config}: {cfg.train.max_iter} iterations, {train_eval_seconds / 60:.1f} min train+eval")
-    print("AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f} | APl {APl:.1f}".format(**box))
+    print(
+        f"\n{args.config}: {cfg.train.max_iter} iterations, {train_eval_seconds / 60:.1f} min train+eval"
+    )
+    print(
+        "AP {AP:.1f} | AP50 {AP50:.1f} | AP75 {AP75:.1f} | APs {APs:.1f} | APm {APm:.1f} | APl {APl:.1f}".format(
+            **box
+        )
+    )
     print(f"predictions drawn in {png}")
 
 

@@ -10,17 +10,17 @@
 ``--num-gpus`` is the number of processes per machine (GPUs, or CPU processes without CUDA).
 Config keys are overridden as ``key=value``; an unknown key is an error (``+key=value`` adds one).
 """
+
 import logging
 import os
 import sys
 
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
-
-import detr_variants  # noqa: F401  (registers the meta-architectures and datasets)
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+import detr_variants  # noqa: F401  (registers the meta-architectures and datasets)
 from detr_variants.engine.train_loop import apply_overrides, evaluate, train
 
 logger = logging.getLogger("detr_variants")
@@ -40,6 +40,12 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
     sys.exit(0)

@@ -9,7 +9,7 @@ def step_schedule(total_epochs: int, drop_epochs=(), factor: float = 0.1):
     of training whatever the dataset size and batch size.
     """
     return L(MultiStepParamScheduler)(
-        values=[factor ** i for i in range(len(drop_epochs) + 1)],
+        values=[factor**i for i in range(len(drop_epochs) + 1)],
         milestones=list(drop_epochs),
         num_updates=total_epochs,
     )

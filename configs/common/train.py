@@ -6,7 +6,9 @@ train = dict(
     epochs=None,  # converted to iterations from the dataset size and total batch size
     max_iter=None,  # when set, wins over epochs
     amp=dict(enabled=False, dtype="bfloat16"),  # bfloat16 on CPU; float16 or bfloat16 on CUDA
-    clip_grad=dict(enabled=True, max_norm=0.1, params=None),  # params: a name filter, e.g. "encoder."
+    clip_grad=dict(
+        enabled=True, max_norm=0.1, params=None
+    ),  # params: a name filter, e.g. "encoder."
     ema=dict(enabled=False, decay=0.9998, warmup=2000.0),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False),
     checkpointer=dict(period=5000, max_to_keep=3),

@@ -6,6 +6,7 @@ Each converter is registered for a (source, arch) pair and maps a state dict to 
 needs live here: torchvision-ResNet names → detectron2 names, and COCO class heads indexed by
 the 91 raw category ids → detectron2's 80 contiguous classes.
 """
+
 import re
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -17,16 +18,96 @@ _CONVERTERS: Dict[tuple, Callable[[StateDict], StateDict]] = {}
 
 # COCO category ids of detectron2's 80 contiguous classes, in order (ids 1..90 with 10 gaps).
 COCO_THING_IDS: List[int] = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
-    33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
-    60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
+]
 
 
 def register_converter(source: str, arch: str):
     """Decorator registering ``fn(state_dict) -> state_dict`` for ``convert_checkpoint``."""
+
     def wrap(fn):
         _CONVERTERS[(source, arch)] = fn
         return fn
+
     return wrap
 
 
@@ -98,7 +179,7 @@ def torchvision_resnet_name(name: str) -> Optional[str]:
 
 def split_prefix(state_dict: StateDict, prefix: str) -> StateDict:
     """The entries under ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def drop_batchnorm_counters(state_dict: StateDict) -> StateDict:
@@ -109,7 +190,12 @@ def drop_batchnorm_counters(state_dict: StateDict) -> StateDict:
 # Module names inside the official DETR-family layers (DETR, Conditional DETR, SMCA and Deformable
 # DETR all keep DETR's) → ours: the FFN lives in ``ffn`` and the encoder's norm1 is ``norm``.
 OFFICIAL_FFN = {"linear1": "ffn.linear1", "linear2": "ffn.linear2"}
-OFFICIAL_ENCODER_LAYER = {"self_attn": "self_attn", "norm1": "norm", "norm2": "ffn.norm", **OFFICIAL_FFN}
+OFFICIAL_ENCODER_LAYER = {
+    "self_attn": "self_attn",
+    "norm1": "norm",
+    "norm2": "ffn.norm",
+    **OFFICIAL_FFN,
+}
 OFFICIAL_DECODER_FFN = {"norm3": "ffn.norm", **OFFICIAL_FFN}
 
 LayerTarget = Callable[[str, str, str], Optional[str]]
@@ -118,21 +204,31 @@ LayerTarget = Callable[[str, str, str], Optional[str]]
 def layer_tables(encoder: Dict[str, str], decoder: Dict[str, str]) -> LayerTarget:
     """``(part, index, rest) -> our name`` renaming the first module of ``rest`` through the
     encoder's or the decoder's table (None for a module neither table knows)."""
+
     def target(part: str, index: str, rest: str) -> Optional[str]:
         module, _, leaf = rest.partition(".")
         table = encoder if part == "encoder" else decoder
         return f"{part}.layers.{index}.{table[module]}.{leaf}" if module in table else None
+
     return target
 
 
 def raise_unknown(keys: Sequence[str], what: str) -> None:
     if keys:
-        raise KeyError(f"{len(keys)} {what} keys not understood: {', '.join(sorted(keys)[:8])}"
-                       + (" ..." if len(keys) > 8 else ""))
+        raise KeyError(
+            f"{len(keys)} {what} keys not understood: {', '.join(sorted(keys)[:8])}"
+            + (" ..." if len(keys) > 8 else "")
+        )
 
 
-def convert_official_detr_layout(state_dict: StateDict, layer_target: LayerTarget, keep: str, what: str,
-                                 num_classes: Optional[int] = None, skip: tuple = ()) -> StateDict:
+def convert_official_detr_layout(
+    state_dict: StateDict,
+    layer_target: LayerTarget,
+    keep: str,
+    what: str,
+    num_classes: Optional[int] = None,
+    skip: tuple = (),
+) -> StateDict:
     """The checkpoint layout of DETR and the releases built on its code.
 
     A torchvision ResNet under ``backbone.0.body.``, layers under
@@ -148,14 +244,14 @@ def convert_official_detr_layout(state_dict: StateDict, layer_target: LayerTarge
             continue
         layer = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
         if key.startswith("backbone.0.body."):
-            name = torchvision_resnet_name(key[len("backbone.0.body."):])
+            name = torchvision_resnet_name(key[len("backbone.0.body.") :])
             target = None if name is None else "backbone." + name
         elif layer:
             target = layer_target(*layer.groups())
         elif key.startswith("class_embed."):
             target, value = key, class_head_rows(value, num_classes)
         elif re.match(keep, key):
-            target = key[len("transformer."):] if key.startswith("transformer.") else key
+            target = key[len("transformer.") :] if key.startswith("transformer.") else key
         else:
             target = None
         if target is None:

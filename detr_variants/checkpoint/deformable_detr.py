@@ -1,20 +1,37 @@
 """Deformable DETR: official (fundamentalvision/Deformable-DETR) and HF-transformers
 (``DeformableDetrForObjectDetection``) checkpoints → :class:`DeformableDETR`."""
+
 import re
 from typing import Dict, List, Tuple
 
 import torch
 
-from .convert import (OFFICIAL_DECODER_FFN, OFFICIAL_ENCODER_LAYER, StateDict, class_head_rows,
-                      convert_official_detr_layout, layer_tables, register_converter)
+from .convert import (
+    OFFICIAL_DECODER_FFN,
+    OFFICIAL_ENCODER_LAYER,
+    StateDict,
+    class_head_rows,
+    convert_official_detr_layout,
+    layer_tables,
+    register_converter,
+)
 from .hf_resnet import hf_backbone_name
 
 # official decoder layers: norm2 after self-attention, norm1 after cross-attention
 _OFFICIAL_LAYERS = layer_tables(
     OFFICIAL_ENCODER_LAYER,
-    {"self_attn": "self_attn", "cross_attn": "cross_attn", "norm2": "norm1", "norm1": "norm2", **OFFICIAL_DECODER_FFN})
-_OFFICIAL_KEEP = (r"(input_proj|query_embed|bbox_embed|transformer\.decoder\.bbox_embed)\."
-                  r"|transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b")
+    {
+        "self_attn": "self_attn",
+        "cross_attn": "cross_attn",
+        "norm2": "norm1",
+        "norm1": "norm2",
+        **OFFICIAL_DECODER_FFN,
+    },
+)
+_OFFICIAL_KEEP = (
+    r"(input_proj|query_embed|bbox_embed|transformer\.decoder\.bbox_embed)\."
+    r"|transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b"
+)
 
 _HF_LAYER_RULES: List[Tuple[str, str]] = [
     (r"^model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm."),
@@ -26,11 +43,16 @@ _HF_LAYER_RULES: List[Tuple[str, str]] = [
     (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.layers.\1.ffn.norm."),
     (r"^model\.decoder\.layers\.(\d+)\.(?:mlp\.)?fc(\d)\.", r"decoder.layers.\1.ffn.linear\2."),
     (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.layers.\1.cross_attn."),
-    (r"^model\.decoder\.layers\.(\d+)\.self_attn\.(?:o_proj|out_proj)\.", r"decoder.layers.\1.self_attn.out_proj."),
+    (
+        r"^model\.decoder\.layers\.(\d+)\.self_attn\.(?:o_proj|out_proj)\.",
+        r"decoder.layers.\1.self_attn.out_proj.",
+    ),
     (r"^model\.decoder\.bbox_embed\.", "decoder.bbox_embed."),
     (r"^model\.query_position_embeddings\.", "query_embed."),
-    (r"^model\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm|input_proj)\b",
-     r"\1"),
+    (
+        r"^model\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm|input_proj)\b",
+        r"\1",
+    ),
 ]
 
 
@@ -47,8 +69,13 @@ def convert_official(state_dict: StateDict) -> StateDict:
     """Official names: torchvision ResNet under ``backbone.0.body``, ``transformer.*``, heads at the
     top, 91-way class heads. ``transformer.decoder.class_embed`` duplicates ``class_embed`` and is
     dropped (our decoder holds only the box heads it refines with)."""
-    return convert_official_detr_layout(state_dict, _OFFICIAL_LAYERS, _OFFICIAL_KEEP, "official Deformable DETR",
-                                        skip=("transformer.decoder.class_embed.",))
+    return convert_official_detr_layout(
+        state_dict,
+        _OFFICIAL_LAYERS,
+        _OFFICIAL_KEEP,
+        "official Deformable DETR",
+        skip=("transformer.decoder.class_embed.",),
+    )
 
 
 @register_converter("hf", "deformable_detr")
@@ -61,9 +88,13 @@ def convert_hf(state_dict: StateDict) -> StateDict:
     out: StateDict = {}
     qkv: Dict[str, Dict[str, torch.Tensor]] = {}
     for name, value in state_dict.items():
-        m = re.match(r"^model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
+        m = re.match(
+            r"^model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name
+        )
         if m:
-            qkv.setdefault(f"decoder.layers.{m.group(1)}.self_attn.in_proj_{m.group(3)}", {})[m.group(2)] = value
+            qkv.setdefault(f"decoder.layers.{m.group(1)}.self_attn.in_proj_{m.group(3)}", {})[
+                m.group(2)
+            ] = value
             continue
         if name.startswith("model.backbone."):
             new = hf_backbone_name(name)

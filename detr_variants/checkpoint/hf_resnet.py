@@ -6,11 +6,14 @@ computation is detectron2's (7x7/2 conv + BN + ReLU + 3x3/2 max-pool stem; strid
 conv of a bottleneck, as ``downsample_in_bottleneck=False`` and ``stride_in_1x1=False``; 1x1
 projection shortcuts), so only the names differ.
 """
+
 import re
 from typing import Optional
 
-_CONV = re.compile(r"(?:^|\.)encoder\.stages\.(\d)\.layers\.(\d+)\.(?:layer\.(\d)|(shortcut))"
-                   r"\.(convolution|normalization)\.(\w+)$")
+_CONV = re.compile(
+    r"(?:^|\.)encoder\.stages\.(\d)\.layers\.(\d+)\.(?:layer\.(\d)|(shortcut))"
+    r"\.(convolution|normalization)\.(\w+)$"
+)
 _STEM = re.compile(r"(?:^|\.)embedder\.embedder\.(convolution|normalization)\.(\w+)$")
 
 
@@ -31,10 +34,17 @@ def hf_resnet_name(name: str) -> Optional[str]:
         return None
     stage, block, conv, shortcut, kind, leaf = m.groups()
     module = "shortcut" if shortcut else f"conv{int(conv) + 1}"
-    return f"res{int(stage) + 2}.{block}.{module}." + ("norm." if kind == "normalization" else "") + leaf
+    return (
+        f"res{int(stage) + 2}.{block}.{module}."
+        + ("norm." if kind == "normalization" else "")
+        + leaf
+    )
 
 
-HF_BACKBONE_PREFIXES = ("model.backbone.model.", "model.backbone.conv_encoder.model.")  # current, legacy
+HF_BACKBONE_PREFIXES = (
+    "model.backbone.model.",
+    "model.backbone.conv_encoder.model.",
+)  # current, legacy
 
 
 def hf_backbone_name(key: str) -> Optional[str]:
@@ -46,6 +56,6 @@ def hf_backbone_name(key: str) -> Optional[str]:
     prefix = next((p for p in HF_BACKBONE_PREFIXES if key.startswith(p)), None)
     if prefix is None:
         return None
-    rest = key[len(prefix):]
+    rest = key[len(prefix) :]
     name = hf_resnet_name(rest) or torchvision_resnet_name(rest)
     return None if name is None else "backbone." + name

@@ -1,4 +1,5 @@
 """A ``DetectionCheckpointer`` that can refuse partial loads."""
+
 from detectron2.checkpoint import DetectionCheckpointer
 
 
@@ -23,13 +24,20 @@ class Checkpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
         if self.strict and (incompatible.incorrect_shapes or incompatible.missing_keys):
-            lines = [f"  {k}: {tuple(c)} in the checkpoint, {tuple(m)} in the model"
-                     for k, c, m in incompatible.incorrect_shapes]
+            lines = [
+                f"  {k}: {tuple(c)} in the checkpoint, {tuple(m)} in the model"
+                for k, c, m in incompatible.incorrect_shapes
+            ]
             if incompatible.missing_keys:
-                lines.append(f"  missing from the checkpoint: {', '.join(incompatible.missing_keys[:10])}"
-                             + (" ..." if len(incompatible.missing_keys) > 10 else ""))
+                lines.append(
+                    f"  missing from the checkpoint: {', '.join(incompatible.missing_keys[:10])}"
+                    + (" ..." if len(incompatible.missing_keys) > 10 else "")
+                )
             raise CheckpointMismatchError(
-                "The checkpoint does not match the model:\n" + "\n".join(lines) + "\nA class head of "
+                "The checkpoint does not match the model:\n"
+                + "\n".join(lines)
+                + "\nA class head of "
                 "another size means the checkpoint was trained for a different number of classes: set "
-                "model.num_classes to match, or convert it with tools/convert_checkpoint.py.")
+                "model.num_classes to match, or convert it with tools/convert_checkpoint.py."
+            )
         return incompatible

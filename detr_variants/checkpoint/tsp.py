@@ -9,6 +9,7 @@ box-predictor output layers keep theirs. Renamed: the FPN top block's ``MyConvBl
 ``norm2``/``linear*`` → ``norm``/``ffn.norm``/``ffn.linear*``), the RPN towers and the heads
 (see the tables below). Persistent ``pixel_mean``/``pixel_std`` and anchor buffers are dropped.
 """
+
 import re
 from typing import List, Optional, Tuple
 
@@ -78,8 +79,10 @@ def _convert(state_dict: StateDict, rules: List[Tuple[str, str]], arch: str) -> 
             new = head + "encoder.layers." + rest
         out[new] = value
     if unknown:
-        raise KeyError(f"{len(unknown)} keys of the official {arch} checkpoint are not understood: "
-                       f"{', '.join(sorted(unknown)[:8])}" + (" ..." if len(unknown) > 8 else ""))
+        raise KeyError(
+            f"{len(unknown)} keys of the official {arch} checkpoint are not understood: "
+            f"{', '.join(sorted(unknown)[:8])}" + (" ..." if len(unknown) > 8 else "")
+        )
     return out
 
 

@@ -4,5 +4,11 @@ from .transforms import RandomChoice, detr_test_augmentations, detr_train_augmen
 
 register_synthetic_shapes()
 
-__all__ = ["DetrDatasetMapper", "valid_annotations", "register_synthetic_shapes", "RandomChoice",
-           "detr_test_augmentations", "detr_train_augmentations"]
+__all__ = [
+    "DetrDatasetMapper",
+    "valid_annotations",
+    "register_synthetic_shapes",
+    "RandomChoice",
+    "detr_test_augmentations",
+    "detr_train_augmentations",
+]

@@ -1,4 +1,5 @@
 """DETR's augmentation (Carion et al. 2020, Sec. 4) in detectron2 ``Augmentation`` form."""
+
 from typing import List, Sequence
 
 import numpy as np
@@ -19,20 +20,27 @@ class RandomChoice(T.Augmentation):
         return f"RandomChoice({self.choices})"
 
 
-def detr_train_augmentations(min_sizes: Sequence[int] = tuple(range(480, 801, 32)), max_size: int = 1333,
-                             crop_resize_sizes: Sequence[int] = (400, 500, 600),
-                             crop_size: Sequence[int] = (384, 600)) -> List[T.Augmentation]:
+def detr_train_augmentations(
+    min_sizes: Sequence[int] = tuple(range(480, 801, 32)),
+    max_size: int = 1333,
+    crop_resize_sizes: Sequence[int] = (400, 500, 600),
+    crop_size: Sequence[int] = (384, 600),
+) -> List[T.Augmentation]:
     """Horizontal flip, then with equal chance either a multi-scale resize, or
     resize → random crop → multi-scale resize (the official ``make_coco_transforms``)."""
     resize = T.ResizeShortestEdge(list(min_sizes), max_size, sample_style="choice")
     return [
         T.RandomFlip(horizontal=True),
-        RandomChoice([
-            [resize],
-            [T.ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
-             T.RandomCrop("absolute_range", tuple(crop_size)),
-             resize],
-        ]),
+        RandomChoice(
+            [
+                [resize],
+                [
+                    T.ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
+                    T.RandomCrop("absolute_range", tuple(crop_size)),
+                    resize,
+                ],
+            ]
+        ),
     ]
 
 

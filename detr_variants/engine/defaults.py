@@ -1,4 +1,5 @@
 """Small helpers shared by the training script, the predictor and the benchmarks."""
+
 import torch
 
 

@@ -1,4 +1,5 @@
 """Exponential moving average of model weights, evaluated in place of the raw weights."""
+
 import copy
 import math
 from contextlib import contextmanager
@@ -26,7 +27,11 @@ class ModelEMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates.item() / self.warmup)) if self.warmup > 0 else self.decay
+        d = (
+            self.decay * (1 - math.exp(-self.updates.item() / self.warmup))
+            if self.warmup > 0
+            else self.decay
+        )
         ema_state = self.module.state_dict()
         for name, value in model.state_dict().items():
             if name in self._param_names:

@@ -1,14 +1,19 @@
 """Parameter groups with per-name learning-rate multipliers (e.g. backbone ×0.1), and TSP's
 hybrid SGD + AdamW optimizer."""
+
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, base_lr: float, weight_decay: float,
-                 lr_multipliers: Optional[Dict[str, float]] = None,
-                 weight_decay_norm: Optional[float] = None) -> List[Dict]:
+def param_groups(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    lr_multipliers: Optional[Dict[str, float]] = None,
+    weight_decay_norm: Optional[float] = None,
+) -> List[Dict]:
     """One optimizer group per distinct (lr, weight decay) over the trainable parameters.
 
     Args:
@@ -29,28 +34,43 @@ def param_groups(model: nn.Module, base_lr: float, weight_decay: float,
             continue
         factor = next((f for key, f in lr_multipliers.items() if key in name), 1.0)
         wd = weight_decay_norm if id(p) in norm_params else weight_decay
-        group = groups.setdefault((factor, wd), {"params": [], "lr": base_lr * factor, "weight_decay": wd})
+        group = groups.setdefault(
+            (factor, wd), {"params": [], "lr": base_lr * factor, "weight_decay": wd}
+        )
         group["params"].append(p)
     return list(groups.values())
 
 
-def hybrid_param_groups(model: nn.Module, lr: float, adamw_lr: float, weight_decay: float,
-                        adamw_params: Sequence[str] = ("transformer",),
-                        lr_multipliers: Optional[Dict[str, float]] = None,
-                        weight_decay_norm: Optional[float] = None) -> List[Dict]:
+def hybrid_param_groups(
+    model: nn.Module,
+    lr: float,
+    adamw_lr: float,
+    weight_decay: float,
+    adamw_params: Sequence[str] = ("transformer",),
+    lr_multipliers: Optional[Dict[str, float]] = None,
+    weight_decay_norm: Optional[float] = None,
+) -> List[Dict]:
     """:func:`param_groups`, each split into an SGD part (base lr ``lr``) and an AdamW part (base
     lr ``adamw_lr``): a parameter goes to AdamW when its name contains one of ``adamw_params``.
 
     The groups carry ``"optimizer": "sgd" | "adamw"`` for :class:`HybridOptimizer`.
     """
-    adamw_ids = {id(p) for name, p in model.named_parameters() if any(k in name for k in adamw_params)}
+    adamw_ids = {
+        id(p) for name, p in model.named_parameters() if any(k in name for k in adamw_params)
+    }
     groups = []
     for group in param_groups(model, 1.0, weight_decay, lr_multipliers, weight_decay_norm):
         for kind, base_lr, to_adamw in (("sgd", lr, False), ("adamw", adamw_lr, True)):
             params = [p for p in group["params"] if (id(p) in adamw_ids) == to_adamw]
             if params:
-                groups.append({"params": params, "lr": base_lr * group["lr"],
-                               "weight_decay": group["weight_decay"], "optimizer": kind})
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": base_lr * group["lr"],
+                        "weight_decay": group["weight_decay"],
+                        "optimizer": kind,
+                    }
+                )
     return groups
 
 
@@ -69,21 +89,40 @@ class HybridOptimizer(torch.optim.Optimizer):
         lr, momentum: SGD defaults. adamw_lr, betas, eps: AdamW defaults.
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, adamw_lr: Optional[float] = None,
-                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        adamw_lr: Optional[float] = None,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
         kinds = {g.setdefault("optimizer", "sgd") for g in groups}
         if not kinds <= {"sgd", "adamw"}:
-            raise ValueError(f"unknown optimizer kinds {sorted(kinds - {'sgd', 'adamw'})}; use 'sgd' or 'adamw'")
+            raise ValueError(
+                f"unknown optimizer kinds {sorted(kinds - {'sgd', 'adamw'})}; use 'sgd' or 'adamw'"
+            )
         adamw_lr = lr if adamw_lr is None else adamw_lr
         for g in groups:
             g.setdefault("lr", adamw_lr if g["optimizer"] == "adamw" else lr)
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
         sgd = [g for g in self.param_groups if g["optimizer"] == "sgd"]
         adamw = [g for g in self.param_groups if g["optimizer"] == "adamw"]
-        self.sgd = torch.optim.SGD(sgd, lr=lr, momentum=momentum, weight_decay=weight_decay) if sgd else None
-        self.adamw = torch.optim.AdamW(adamw, lr=adamw_lr, betas=tuple(betas), eps=eps,
-                                       weight_decay=weight_decay) if adamw else None
+        self.sgd = (
+            torch.optim.SGD(sgd, lr=lr, momentum=momentum, weight_decay=weight_decay)
+            if sgd
+            else None
+        )
+        self.adamw = (
+            torch.optim.AdamW(
+                adamw, lr=adamw_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay
+            )
+            if adamw
+            else None
+        )
         self._sync_groups()
 
     def _optimizers(self) -> List[torch.optim.Optimizer]:
@@ -104,14 +143,18 @@ class HybridOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> Dict:
-        return {"sgd": None if self.sgd is None else self.sgd.state_dict(),
-                "adamw": None if self.adamw is None else self.adamw.state_dict()}
+        return {
+            "sgd": None if self.sgd is None else self.sgd.state_dict(),
+            "adamw": None if self.adamw is None else self.adamw.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: Dict) -> None:
         for name in ("sgd", "adamw"):
             optimizer, state = getattr(self, name), state_dict.get(name)
             if (optimizer is None) != (state is None):
-                raise ValueError(f"the checkpoint's {name} state does not match this optimizer's groups")
+                raise ValueError(
+                    f"the checkpoint's {name} state does not match this optimizer's groups"
+                )
             if optimizer is not None:
                 optimizer.load_state_dict(state)
         self._sync_groups()  # load_state_dict replaces the inner group dicts

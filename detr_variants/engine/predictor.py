@@ -1,5 +1,6 @@
 """A LazyConfig-aware replacement for detectron2's ``DefaultPredictor`` (which takes a yacs
 ``CfgNode``)."""
+
 from typing import Dict, Union
 
 import numpy as np
@@ -27,7 +28,9 @@ class DefaultPredictor:
         self.model.eval()
         if cfg.train.get("init_checkpoint"):
             Checkpointer(self.model, strict=True).load(cfg.train.init_checkpoint)
-        self.augmentations = T.AugmentationList(list(instantiate(cfg.dataloader.test.mapper.augmentations)))
+        self.augmentations = T.AugmentationList(
+            list(instantiate(cfg.dataloader.test.mapper.augmentations))
+        )
         self.input_format = self.model.input_format
 
     @torch.no_grad()
@@ -38,7 +41,9 @@ class DefaultPredictor:
             except Exception as e:
                 raise IOError(f"Cannot read image {image!r}: {e}") from e
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
-            raise ValueError(f"expected an HxWx3 BGR image, got {getattr(image, 'shape', type(image))}")
+            raise ValueError(
+                f"expected an HxWx3 BGR image, got {getattr(image, 'shape', type(image))}"
+            )
         if self.input_format == "RGB":
             image = image[:, :, ::-1]
         height, width = image.shape[:2]

@@ -1,4 +1,5 @@
 """LazyConfig training and evaluation, used by ``tools/train_net.py`` (and the tests)."""
+
 import difflib
 import inspect
 import logging
@@ -48,27 +49,44 @@ def _check_key_exists(cfg: DictConfig, key: str) -> None:
         if OmegaConf.is_list(node) and part.lstrip("-").isdigit():
             node = node[int(part)]
             continue
-        if OmegaConf.is_dict(node) and "_target_" in node and i == len(parts) - 1 \
-                and part in _accepted_arguments(node["_target_"]):
+        if (
+            OmegaConf.is_dict(node)
+            and "_target_" in node
+            and i == len(parts) - 1
+            and part in _accepted_arguments(node["_target_"])
+        ):
             return
         siblings = list(node.keys()) if OmegaConf.is_dict(node) else []
         if OmegaConf.is_dict(node) and "_target_" in node:
             siblings += _accepted_arguments(node["_target_"])
         close = difflib.get_close_matches(part, [str(s) for s in siblings], n=3)
         prefix = ".".join(parts[:i]) or "<root>"
-        hint = f"; did you mean {', '.join(prefix + '.' + c if i else c for c in close)}?" if close else ""
-        raise KeyError(f"Unknown config key {key!r}: {prefix!r} has no {part!r}{hint} "
-                       f"(prefix the key with '+' to add a new one)")
+        hint = (
+            f"; did you mean {', '.join(prefix + '.' + c if i else c for c in close)}?"
+            if close
+            else ""
+        )
+        raise KeyError(
+            f"Unknown config key {key!r}: {prefix!r} has no {part!r}{hint} "
+            f"(prefix the key with '+' to add a new one)"
+        )
 
 
 def _accepted_arguments(target) -> List[str]:
     """Names of the keyword arguments a LazyCall target accepts (through its class hierarchy)."""
     fn = _callable(target)
     names = []
-    for f in ([c.__init__ for c in inspect.getmro(fn) if "__init__" in vars(c)] if inspect.isclass(fn) else [fn]):
+    for f in (
+        [c.__init__ for c in inspect.getmro(fn) if "__init__" in vars(c)]
+        if inspect.isclass(fn)
+        else [fn]
+    ):
         try:
-            names += [p.name for p in inspect.signature(f).parameters.values()
-                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            names += [
+                p.name
+                for p in inspect.signature(f).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
         except (TypeError, ValueError):
             pass
     return names
@@ -84,8 +102,11 @@ def build_train_loader(cfg) -> Tuple[object, int]:
     """The training loader and the number of training images (to turn epochs into iterations)."""
     loader_cfg = cfg.dataloader.train
     dataset = instantiate(loader_cfg.dataset)
-    kwargs = {k: instantiate(v) if OmegaConf.is_config(v) else v
-              for k, v in loader_cfg.items() if k not in ("_target_", "dataset")}
+    kwargs = {
+        k: instantiate(v) if OmegaConf.is_config(v) else v
+        for k, v in loader_cfg.items()
+        if k not in ("_target_", "dataset")
+    }
     return _callable(loader_cfg._target_)(dataset=dataset, **kwargs), len(dataset)
 
 
@@ -149,17 +170,27 @@ def train(cfg, resume: bool = False) -> Dict:
     optimizer = instantiate(cfg.optimizer)
     loader, num_images = build_train_loader(cfg)
     max_iter = resolve_max_iter(cfg.train, num_images, cfg.dataloader.train.total_batch_size)
-    logger.info("Training %d iterations (%d images, batch %d)", max_iter, num_images,
-                cfg.dataloader.train.total_batch_size)
+    logger.info(
+        "Training %d iterations (%d images, batch %d)",
+        max_iter,
+        num_images,
+        cfg.dataloader.train.total_batch_size,
+    )
 
-    ema = ModelEMA(model, **{k: v for k, v in cfg.train.ema.items() if k != "enabled"}) \
-        if cfg.train.ema.enabled else None
+    ema = (
+        ModelEMA(model, **{k: v for k, v in cfg.train.ema.items() if k != "enabled"})
+        if cfg.train.ema.enabled
+        else None
+    )
     clip = cfg.train.clip_grad
     trainer = SetPredictionTrainer(
-        create_ddp_model(model, **cfg.train.ddp), loader, optimizer,
+        create_ddp_model(model, **cfg.train.ddp),
+        loader,
+        optimizer,
         amp_dtype=autocast_dtype(cfg.train.amp.enabled, cfg.train.amp.dtype, model.device.type),
         clip_max_norm=clip.max_norm if clip.enabled else 0.0,
-        clip_params=clip_parameters(model, clip.get("params")))
+        clip_params=clip_parameters(model, clip.get("params")),
+    )
     checkpointables = {"trainer": trainer} | ({"ema": ema} if ema is not None else {})
     checkpointer = Checkpointer(model, cfg.train.output_dir, **checkpointables)
     eval_model = ema.module if ema is not None else model
@@ -169,16 +200,26 @@ def train(cfg, resume: bool = False) -> Dict:
         last_results.update(do_test(cfg, eval_model))
         return last_results
 
-    trainer.register_hooks([
-        hooks.IterationTimer(),
-        EMAHook(ema, model) if ema is not None else None,
-        hooks.LRScheduler(scheduler=LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter)),
-        hooks.PeriodicCheckpointer(checkpointer, max_iter=max_iter, **cfg.train.checkpointer)
-        if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, evaluate_and_keep) if cfg.train.eval_period >= 0 else None,
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, max_iter), period=cfg.train.log_period)
-        if comm.is_main_process() else None,
-    ])
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            EMAHook(ema, model) if ema is not None else None,
+            hooks.LRScheduler(
+                scheduler=LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter)
+            ),
+            hooks.PeriodicCheckpointer(checkpointer, max_iter=max_iter, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, evaluate_and_keep)
+            if cfg.train.eval_period >= 0
+            else None,
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, max_iter), period=cfg.train.log_period
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, max_iter)

@@ -1,5 +1,6 @@
 """Training loop: detectron2's ``SimpleTrainer`` plus device-agnostic autocast, gradient
 clipping and an optional weight EMA."""
+
 import time
 from typing import Dict, Iterable, Optional
 
@@ -32,9 +33,16 @@ class SetPredictionTrainer(SimpleTrainer):
         clip_params: parameters to clip instead of all of them (TSP clips the transformer only).
     """
 
-    def __init__(self, model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer, *,
-                 amp_dtype: Optional[torch.dtype] = None, clip_max_norm: float = 0.0,
-                 clip_params: Optional[Iterable[nn.Parameter]] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        *,
+        amp_dtype: Optional[torch.dtype] = None,
+        clip_max_norm: float = 0.0,
+        clip_params: Optional[Iterable[nn.Parameter]] = None,
+    ):
         super().__init__(model, data_loader, optimizer)
         self.device_type = next(model.parameters()).device.type
         self.amp_dtype = amp_dtype
@@ -49,13 +57,18 @@ class SetPredictionTrainer(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
-        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device_type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        ):
             loss_dict = self.model(data)
         losses = sum(loss_dict.values())
         if not torch.isfinite(losses):
-            raise FloatingPointError(f"Loss became infinite or NaN at iteration {self.iter}: "
-                                     f"{ {k: v.item() for k, v in loss_dict.items()} }")
+            raise FloatingPointError(
+                f"Loss became infinite or NaN at iteration {self.iter}: "
+                f"{ {k: v.item() for k, v in loss_dict.items()} }"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(losses).backward()
@@ -64,8 +77,11 @@ class SetPredictionTrainer(SimpleTrainer):
             losses.backward()
         self.after_backward()
         if self.clip_max_norm > 0:
-            params = self.clip_params if self.clip_params is not None else [
-                p for g in self.optimizer.param_groups for p in g["params"]]
+            params = (
+                self.clip_params
+                if self.clip_params is not None
+                else [p for g in self.optimizer.param_groups for p in g["params"]]
+            )
             torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm)
         self._write_metrics(loss_dict, data_time)
         if self.grad_scaler is not None:

@@ -3,6 +3,7 @@
 The IoU functions are elementwise over broadcastable inputs, so the pairwise form used by the
 matchers is ``generalized_box_iou(a[:, None], b[None])`` and the loss form is the plain call.
 """
+
 import torch
 from torch import Tensor
 
@@ -41,7 +42,10 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     Degenerate boxes (x1 < x0) give wrong values silently, so they are rejected.
     """
-    if not (boxes1[..., 2:] >= boxes1[..., :2]).all() or not (boxes2[..., 2:] >= boxes2[..., :2]).all():
+    if (
+        not (boxes1[..., 2:] >= boxes1[..., :2]).all()
+        or not (boxes2[..., 2:] >= boxes2[..., :2]).all()
+    ):
         raise ValueError("generalized_box_iou expects xyxy boxes with x1 >= x0 and y1 >= y0")
     inter, union = _inter_union(boxes1, boxes2)
     iou = inter / union

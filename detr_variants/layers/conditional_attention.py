@@ -7,6 +7,7 @@ embedding ``p_s`` of a reference point ``s``, scaled elementwise by ``λ_q = FFN
 decoder embedding f (conditional spatial query prediction). Names and
 behaviour follow the official code (``models/transformer.py``, ``models/attention.py``).
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -26,8 +27,9 @@ def concat_per_head(content: Tensor, spatial: Tensor, num_heads: int) -> Tensor:
     ``c_qᵀc_k + p_qᵀp_k`` (paper Sec. 3.3); concatenating across heads instead would mix them.
     """
     shape = content.shape[:-1]
-    return torch.cat([content.reshape(*shape, num_heads, -1), spatial.reshape(*shape, num_heads, -1)],
-                     dim=-1).flatten(-2)
+    return torch.cat(
+        [content.reshape(*shape, num_heads, -1), spatial.reshape(*shape, num_heads, -1)], dim=-1
+    ).flatten(-2)
 
 
 class PreprojectedAttention(nn.Module):
@@ -39,30 +41,44 @@ class PreprojectedAttention(nn.Module):
     ``(embed_dim / num_heads) ** -0.5`` and the attention weights see dropout.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, value_dim: Optional[int] = None, dropout: float = 0.0):
+    def __init__(
+        self, embed_dim: int, num_heads: int, value_dim: Optional[int] = None, dropout: float = 0.0
+    ):
         super().__init__()
         value_dim = embed_dim if value_dim is None else value_dim
         if embed_dim % num_heads or value_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} and value_dim {value_dim} must be divisible by "
-                             f"num_heads {num_heads}")
+            raise ValueError(
+                f"embed_dim {embed_dim} and value_dim {value_dim} must be divisible by "
+                f"num_heads {num_heads}"
+            )
         self.embed_dim = embed_dim
         self.value_dim = value_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         self.dropout = dropout
         self.out_proj = nn.Linear(value_dim, value_dim)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         """query: (B, Q, embed_dim); key: (B, S, embed_dim); value: (B, S, value_dim);
         key_padding_mask: (B, S) True at padding. Returns (B, Q, value_dim)."""
         b, nq, _ = query.shape
-        q, k, v = (x.reshape(b, x.shape[1], self.num_heads, -1).transpose(1, 2) for x in (query, key, value))
+        q, k, v = (
+            x.reshape(b, x.shape[1], self.num_heads, -1).transpose(1, 2)
+            for x in (query, key, value)
+        )
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        out = scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            scale=self.scaling,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.value_dim))
 
 
@@ -78,25 +94,50 @@ class ConditionalDecoderLayer(nn.Module):
     and the content key the projected key position, as in DETR.
     """
 
-    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, activation: str = "relu"):
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+    ):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
-        for name in ("sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj",
-                     "ca_qcontent_proj", "ca_qpos_proj", "ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj",
-                     "ca_qpos_sine_proj"):
+        for name in (
+            "sa_qcontent_proj",
+            "sa_qpos_proj",
+            "sa_kcontent_proj",
+            "sa_kpos_proj",
+            "sa_v_proj",
+            "ca_qcontent_proj",
+            "ca_qpos_proj",
+            "ca_kcontent_proj",
+            "ca_kpos_proj",
+            "ca_v_proj",
+            "ca_qpos_sine_proj",
+        ):
             setattr(self, name, nn.Linear(d_model, d_model))
         self.self_attn = PreprojectedAttention(d_model, nhead, dropout=dropout)
-        self.cross_attn = PreprojectedAttention(2 * d_model, nhead, value_dim=d_model, dropout=dropout)
+        self.cross_attn = PreprojectedAttention(
+            2 * d_model, nhead, value_dim=d_model, dropout=dropout
+        )
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = Dropout(dropout)
         self.dropout2 = Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, query_sine_embed: Tensor, pos: Tensor,
-                memory_key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        query_pos: Tensor,
+        query_sine_embed: Tensor,
+        pos: Tensor,
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         """tgt, query_pos, query_sine_embed (the conditional spatial query before projection):
         (B, Q, d); memory, pos: (B, S, d); memory_key_padding_mask: (B, S) True at padding."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
@@ -111,7 +152,9 @@ class ConditionalDecoderLayer(nn.Module):
             k = k + k_pos
         q = concat_per_head(q, self.ca_qpos_sine_proj(query_sine_embed), self.nhead)
         k = concat_per_head(k, k_pos, self.nhead)
-        out = self.cross_attn(q, k, self.ca_v_proj(memory), key_padding_mask=memory_key_padding_mask)
+        out = self.cross_attn(
+            q, k, self.ca_v_proj(memory), key_padding_mask=memory_key_padding_mask
+        )
         tgt = self.norm2(self.dropout2(out, residual=tgt))
         return self.ffn(tgt)
 
@@ -130,7 +173,9 @@ class ConditionalDecoder(nn.Module):
         norm: the shared decoder norm applied to every layer's output (a ``LayerNorm``).
     """
 
-    def __init__(self, layer: ConditionalDecoderLayer, num_layers: int, norm: Optional[nn.Module] = None):
+    def __init__(
+        self, layer: ConditionalDecoderLayer, num_layers: int, norm: Optional[nn.Module] = None
+    ):
         super().__init__()
         self.layers = clone_layers(layer, num_layers)
         for later in list(self.layers)[1:]:
@@ -144,15 +189,29 @@ class ConditionalDecoder(nn.Module):
         """(B, Q, d) → normalised reference points (B, Q, 2) as (x, y)."""
         return self.ref_point_head(query_pos).sigmoid()
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor,
-                memory_key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        query_pos: Tensor,
+        pos: Tensor,
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """Returns every layer's normed output (num_layers, B, Q, d) and the reference points (B, Q, 2)."""
         reference = self.reference_points(query_pos)
-        sine = sine_embed_coordinates(reference[..., [1, 0]], num_pos_feats=tgt.shape[-1] // 2).to(tgt.dtype)
+        sine = sine_embed_coordinates(reference[..., [1, 0]], num_pos_feats=tgt.shape[-1] // 2).to(
+            tgt.dtype
+        )
         outputs = []
         for i, layer in enumerate(self.layers):
             query_sine_embed = sine if i == 0 else sine * self.query_scale(tgt)
-            tgt = layer(tgt, memory, query_pos=query_pos, query_sine_embed=query_sine_embed, pos=pos,
-                        memory_key_padding_mask=memory_key_padding_mask)
+            tgt = layer(
+                tgt,
+                memory,
+                query_pos=query_pos,
+                query_sine_embed=query_sine_embed,
+                pos=pos,
+                memory_key_padding_mask=memory_key_padding_mask,
+            )
             outputs.append(self.norm(tgt))
         return torch.stack(outputs), reference

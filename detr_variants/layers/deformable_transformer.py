@@ -4,6 +4,7 @@ Tokens of all feature levels are flattened into one sequence; ``spatial_shapes``
 each level's (H, W) and ``level_start_index`` (L,) where it starts. Reference points are
 normalised to the *valid* (unpadded) part of each level, as in the official code.
 """
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -18,7 +19,9 @@ from .transformer import FeedForward, clone_layers
 
 def flatten_levels(maps: List[Tensor]) -> Tensor:
     """[(B, C, H_l, W_l)] → (B, Σ H_l·W_l, C), or [(B, H_l, W_l)] masks → (B, Σ H_l·W_l)."""
-    return torch.cat([m.flatten(2).transpose(1, 2) if m.dim() == 4 else m.flatten(1) for m in maps], 1)
+    return torch.cat(
+        [m.flatten(2).transpose(1, 2) if m.dim() == 4 else m.flatten(1) for m in maps], 1
+    )
 
 
 def level_layout(maps: List[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -43,8 +46,11 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
     valid ratio: (B, S, L, 2), as the official ``DeformableTransformerEncoder.get_reference_points``."""
     points = []
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=ratios.device),
-                                torch.linspace(0.5, w - 0.5, w, device=ratios.device), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, device=ratios.device),
+            torch.linspace(0.5, w - 0.5, w, device=ratios.device),
+            indexing="ij",
+        )
         ys = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
         xs = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
         points.append(torch.stack((xs, ys), -1))
@@ -54,16 +60,28 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
 class DeformableEncoderLayer(nn.Module):
     """Multi-scale deformable self-attention over all tokens, then FFN (post-norm)."""
 
-    def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1,
-                 activation: str = "relu", num_levels: int = 4, num_heads: int = 8, num_points: int = 4):
+    def __init__(
+        self,
+        d_model: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+    ):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)
         self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    def forward(
+        self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None
+    ):
+        attn = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
         return self.ffn(self.norm(self.dropout(attn, residual=src)))
 
 
@@ -82,8 +100,16 @@ class DeformableEncoder(nn.Module):
 class DeformableDecoderLayer(nn.Module):
     """Query self-attention → multi-scale deformable cross-attention → FFN, each post-norm."""
 
-    def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1,
-                 activation: str = "relu", num_levels: int = 4, num_heads: int = 8, num_points: int = 4):
+    def __init__(
+        self,
+        d_model: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        num_levels: int = 4,
+        num_heads: int = 8,
+        num_points: int = 4,
+    ):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.dropout1 = Dropout(dropout)
@@ -93,12 +119,28 @@ class DeformableDecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask=None):
+    def forward(
+        self,
+        tgt,
+        query_pos,
+        reference_points,
+        memory,
+        spatial_shapes,
+        level_start_index,
+        memory_padding_mask=None,
+    ):
         q = k = tgt + query_pos
-        tgt = self.norm1(self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt))
-        attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                               memory_padding_mask)
+        tgt = self.norm1(
+            self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt)
+        )
+        attn = self.cross_attn(
+            tgt + query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            memory_padding_mask,
+        )
         return self.ffn(self.norm2(self.dropout2(attn, residual=tgt)))
 
 
@@ -119,17 +161,35 @@ class DeformableDecoder(nn.Module):
         self.layers = clone_layers(layer, num_layers)
         self.bbox_embed: Optional[nn.ModuleList] = None  # set by the detector for box refinement
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, ratios,
-                memory_padding_mask=None):
+    def forward(
+        self,
+        tgt,
+        query_pos,
+        reference_points,
+        memory,
+        spatial_shapes,
+        level_start_index,
+        ratios,
+        memory_padding_mask=None,
+    ):
         outputs, references = [], []
         for lid, layer in enumerate(self.layers):
             scale = ratios if reference_points.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
-            tgt = layer(tgt, query_pos, reference_points[:, :, None] * scale[:, None], memory, spatial_shapes,
-                        level_start_index, memory_padding_mask)
+            tgt = layer(
+                tgt,
+                query_pos,
+                reference_points[:, :, None] * scale[:, None],
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
+            )
             outputs.append(tgt)
             references.append(reference_points)
             if self.bbox_embed is not None:
-                reference_points = refine_reference(self.bbox_embed[lid](tgt), reference_points).detach()
+                reference_points = refine_reference(
+                    self.bbox_embed[lid](tgt), reference_points
+                ).detach()
         return torch.stack(outputs), references
 
 

@@ -15,6 +15,7 @@ the seed is drawn from torch's default CPU generator, so ``torch.manual_seed`` m
 reproducible, and the mask does not depend on the thread count. Elsewhere (CUDA, where PyTorch
 fuses dropout already, other dtypes, inference, graph capture) both are plain ``F.dropout``.
 """
+
 from typing import Optional
 
 import torch
@@ -31,7 +32,9 @@ class _NativeDropout(Function):
     """``residual + dropout(relu(x) if relu else x)``, the output in ``x`` itself if ``inplace``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, residual: Optional[Tensor], p: float, relu: bool, inplace: bool) -> Tensor:
+    def forward(
+        ctx, x: Tensor, residual: Optional[Tensor], p: float, relu: bool, inplace: bool
+    ) -> Tensor:
         seed = int(torch.empty((), dtype=torch.int64).random_())
         out, keep = _C.dropout_cpu_forward(x, p, seed, relu, inplace, residual)
         if inplace:
@@ -47,21 +50,31 @@ class _NativeDropout(Function):
         (keep,) = ctx.saved_tensors
         grad_residual = grad if ctx.needs_input_grad[1] else None
         # in place: see relu_dropout_ (never with a residual, which passes `grad` on as it is)
-        grad_x = _C.dropout_cpu_backward(grad, keep, ctx.scale, ctx.inplace and grad.is_contiguous())
+        grad_x = _C.dropout_cpu_backward(
+            grad, keep, ctx.scale, ctx.inplace and grad.is_contiguous()
+        )
         return grad_x, grad_residual, None, None, None
 
 
 def native_dropout_applies(x: Tensor, p: float, training: bool) -> bool:
     """Whether :func:`dropout` of ``x`` runs the native CPU kernel."""
-    return (training and 0.0 < p < 1.0 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and _C is not None and hasattr(_C, "dropout_cpu_forward") and graph_capture() is None)
+    return (
+        training
+        and 0.0 < p < 1.0
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and _C is not None
+        and hasattr(_C, "dropout_cpu_forward")
+        and graph_capture() is None
+    )
 
 
 def dropout(x: Tensor, p: float, training: bool, residual: Optional[Tensor] = None) -> Tensor:
     """``F.dropout(x, p, training)``, plus ``residual`` if given (in the same pass when the native
     kernel runs: training on the CPU)."""
     if native_dropout_applies(x, p, training) and (
-            residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)):
+        residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
+    ):
         return _NativeDropout.apply(x, residual, p, False, False)
     out = F.dropout(x, p, training)
     return out if residual is None else residual + out

@@ -10,6 +10,7 @@ Two implementations of the same operator:
 :func:`ms_deform_attn` picks the native kernels when they are built for the tensors' device and
 dtype and falls back to the PyTorch path otherwise (warning once per reason).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import Function, once_differentiable
 
-from detr_variants._native import IMPORT_ERROR as _C_IMPORT_ERROR
 from detr_variants._native import _C, graph_capture
+from detr_variants._native import IMPORT_ERROR as _C_IMPORT_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ _NATIVE_DTYPES = {
 _WARNED: set = set()
 
 
-def native_available(device_type: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> bool:
+def native_available(
+    device_type: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
+) -> bool:
     """Whether the native kernels are built for ``device_type`` (and ``dtype``, if given)."""
     if isinstance(device_type, torch.device):
         device_type = device_type.type
@@ -55,7 +58,11 @@ def native_available(device_type: Union[str, torch.device] = "cpu", dtype: Optio
 def _warn_once(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
-        warnings.warn(f"ms_deform_attn: using the PyTorch (grid_sample) path: {reason}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ms_deform_attn: using the PyTorch (grid_sample) path: {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _level_shapes(spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]]) -> list:
@@ -99,7 +106,11 @@ def ms_deform_attn_pytorch(
         value_l = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        )
     # (N*M, 1, Lq, L*P)
     weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(N, M * D, Lq)
@@ -110,16 +121,29 @@ class _MSDeformAttnFunction(Function):
     """Autograd wrapper of the native kernels (gradients for value, locations and weights)."""
 
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return _C.ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    def forward(
+        ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    ):
+        ctx.save_for_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        return _C.ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
+            ctx.saved_tensors
+        )
         grad_value, grad_loc, grad_attn = _C.ms_deform_attn_backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            grad_output,
         )
         needs = ctx.needs_input_grad
         return (
@@ -161,15 +185,22 @@ def ms_deform_attn(
     back to :func:`ms_deform_attn_pytorch` (one warning per reason) when ``detr_variants._C`` is
     missing or not built for the device/dtype, and while tracing, exporting to ONNX or compiling.
     """
-    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    dtype = torch.promote_types(
+        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
+    )
     value, sampling_locations, attention_weights = (
-        t if t.dtype == dtype else t.to(dtype) for t in (value, sampling_locations, attention_weights)
+        t if t.dtype == dtype else t.to(dtype)
+        for t in (value, sampling_locations, attention_weights)
     )
     reason = _fallback_reason(value)
     if reason is not None:
         _warn_once(reason)
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return ms_deform_attn_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return _MSDeformAttnFunction.apply(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -190,10 +221,14 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: sampling points P per head and level.
     """
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+    def __init__(
+        self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4
+    ):
         super().__init__()
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
         head_dim = embed_dim // num_heads
         if not _is_power_of_2(head_dim):
             logger.warning(
@@ -268,7 +303,9 @@ class MultiScaleDeformableAttention(nn.Module):
         if input_padding_mask is not None:
             value.masked_fill_(input_padding_mask.reshape(N * S, 1), 0.0)
         value = value.view(N, S, M, self.embed_dim // M)
-        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        weights = (
+            self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        )
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level, normalised by 1 / (W_l, H_l): scaling the
             # projection's rows instead of its output saves a pass over the offsets (and one in
@@ -279,18 +316,26 @@ class MultiScaleDeformableAttention(nn.Module):
             offsets = F.linear(query, proj.weight * row_scale[:, None], proj.bias * row_scale)
             # the reference repeated over points first, so that the broadcast (over heads) runs
             # along rows of L*P*2 contiguous numbers
-            origin = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).reshape(N, Lq, 1, L * P * 2)
+            origin = (
+                reference_points[:, :, None, :, None, :]
+                .expand(N, Lq, 1, L, P, 2)
+                .reshape(N, Lq, 1, L * P * 2)
+            )
             locations = (offsets.view(N, Lq, M, L * P * 2) + origin).view(N, Lq, M, L, P, 2)
         elif reference_points.shape[-1] == 4:
             # offsets are in units of half the box size / P: one fused pass (addcmul)
             offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
             origin = reference_points[:, :, None, :, None, :2]
-            locations = torch.addcmul(origin, offsets, reference_points[:, :, None, :, None, 2:], value=0.5 / P)
+            locations = torch.addcmul(
+                origin, offsets, reference_points[:, :, None, :, None, 2:], value=0.5 / P
+            )
         else:
             raise ValueError(
                 f"reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape {tuple(reference_points.shape)}"
             )
-        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        out = ms_deform_attn(
+            value, input_spatial_shapes, input_level_start_index, locations, weights
+        )
         return self.output_proj(out)
 
     def extra_repr(self) -> str:

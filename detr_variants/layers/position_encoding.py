@@ -1,4 +1,5 @@
 """Position encodings: 2-D sine over a padding mask, learned row/column, and sine of coordinates."""
+
 import math
 from typing import Optional
 
@@ -17,8 +18,15 @@ class PositionEmbeddingSine(nn.Module):
         num_pos_feats: channels per axis; the output has ``2 * num_pos_feats`` channels (y then x).
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True,
-                 scale: Optional[float] = None, offset: float = 0.0, eps: float = 1e-6):
+    def __init__(
+        self,
+        num_pos_feats: int = 128,
+        temperature: float = 10000.0,
+        normalize: bool = True,
+        scale: Optional[float] = None,
+        offset: float = 0.0,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError("scale is only used with normalize=True")
@@ -56,16 +64,22 @@ class PositionEmbeddingLearned(nn.Module):
     def forward(self, mask: Tensor) -> Tensor:
         b, h, w = mask.shape
         if h > self.row_embed.num_embeddings or w > self.col_embed.num_embeddings:
-            raise ValueError(f"feature map {h}x{w} exceeds the learned embedding size "
-                             f"{self.row_embed.num_embeddings}")
+            raise ValueError(
+                f"feature map {h}x{w} exceeds the learned embedding size "
+                f"{self.row_embed.num_embeddings}"
+            )
         x_emb = self.col_embed(torch.arange(w, device=mask.device))
         y_emb = self.row_embed(torch.arange(h, device=mask.device))
         pos = torch.cat([x_emb[None].expand(h, w, -1), y_emb[:, None].expand(h, w, -1)], dim=-1)
         return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1)
 
 
-def sine_embed_coordinates(coords: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0,
-                           scale: float = 2 * math.pi) -> Tensor:
+def sine_embed_coordinates(
+    coords: Tensor,
+    num_pos_feats: int = 128,
+    temperature: float = 10000.0,
+    scale: float = 2 * math.pi,
+) -> Tensor:
     """Sine encoding of normalised coordinates (Conditional DETR's ``gen_sineembed_for_position``).
 
     Each of the K last-dim coordinates is scaled by ``scale`` and encoded with ``num_pos_feats``

@@ -13,6 +13,7 @@ tokens of all scales), and the decoder attends to every scale with that scale's 
 softmax per scale, and sums the per-scale results weighted by a per-query softmax over scales
 (scale-selection attention).
 """
+
 import re
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -28,7 +29,9 @@ from .transformer import FeedForward, clone_layers
 SCALE_TYPES = {"fixed": 0, "single": 1, "independent": 2}
 
 
-def gaussian_log_prior(centers: Tensor, scales: Tensor, height: int, width: int, beta: float) -> Tensor:
+def gaussian_log_prior(
+    centers: Tensor, scales: Tensor, height: int, width: int, beta: float
+) -> Tensor:
     """``log G`` of paper eq. 4 in the released form, on a ``height`` × ``width`` cell grid.
 
     Args:
@@ -74,25 +77,37 @@ class SpatialModulation(nn.Module):
         beta: bandwidth β of eq. 4.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_levels: int = 1, scale_type: str = "independent",
-                 multi_head: bool = True, beta: float = 8.0,
-                 level_distance_factors: Optional[Sequence[float]] = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_levels: int = 1,
+        scale_type: str = "independent",
+        multi_head: bool = True,
+        beta: float = 8.0,
+        level_distance_factors: Optional[Sequence[float]] = None,
+    ):
         super().__init__()
         if scale_type not in SCALE_TYPES:
             raise ValueError(f"scale_type must be one of {sorted(SCALE_TYPES)}, got {scale_type!r}")
         if level_distance_factors is not None and len(level_distance_factors) != num_levels:
-            raise ValueError(f"level_distance_factors needs {num_levels} values, got {list(level_distance_factors)}")
+            raise ValueError(
+                f"level_distance_factors needs {num_levels} values, got {list(level_distance_factors)}"
+            )
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.scale_type = scale_type
         self.multi_head = multi_head
         self.beta = beta
-        self.level_distance_factors = (None if level_distance_factors is None
-                                       else [float(f) for f in level_distance_factors])
+        self.level_distance_factors = (
+            None if level_distance_factors is None else [float(f) for f in level_distance_factors]
+        )
         self.groups = num_heads if multi_head else 1
         self.offsets = nn.Linear(d_model, num_levels * num_heads * 2) if multi_head else None
         per_group = SCALE_TYPES[scale_type]
-        self.scales = nn.Linear(d_model, num_levels * self.groups * per_group) if per_group else None
+        self.scales = (
+            nn.Linear(d_model, num_levels * self.groups * per_group) if per_group else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -102,7 +117,9 @@ class SpatialModulation(nn.Module):
             nn.init.zeros_(self.scales.weight)
             nn.init.ones_(self.scales.bias)
 
-    def centers_and_scales(self, x: Tensor, centers: Tensor, level_sizes: Tensor) -> Tuple[Tensor, Tensor]:
+    def centers_and_scales(
+        self, x: Tensor, centers: Tensor, level_sizes: Tensor
+    ) -> Tuple[Tensor, Tensor]:
         """Per-level, per-head centres (x, y) in cells and scales (s_x, s_y), both (B, Q, L, H, 2).
 
         Args:
@@ -120,11 +137,22 @@ class SpatialModulation(nn.Module):
         if self.scales is None:
             s = c.new_ones(()).expand(shape)
         else:
-            s = self.scales(x).float().view(b, q, self.num_levels, self.groups, -1).square().expand(shape)
+            s = (
+                self.scales(x)
+                .float()
+                .view(b, q, self.num_levels, self.groups, -1)
+                .square()
+                .expand(shape)
+            )
         return c, s
 
-    def forward(self, x: Tensor, centers: Tensor, level_sizes: Tensor,
-                spatial_shapes: Sequence[Tuple[int, int]]) -> List[Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        centers: Tensor,
+        level_sizes: Tensor,
+        spatial_shapes: Sequence[Tuple[int, int]],
+    ) -> List[Tensor]:
         """Returns each level's additive attention prior (B, H, Q, h_l·w_l), float32."""
         c, s = self.centers_and_scales(x, centers, level_sizes)
         priors = []
@@ -163,12 +191,23 @@ class GaussianModulatedAttention(nn.Module):
 
     def _heads(self, x: Tensor, index: int) -> Tensor:
         e = self.embed_dim
-        x = F.linear(x, self.in_proj_weight[index * e:(index + 1) * e], self.in_proj_bias[index * e:(index + 1) * e])
+        x = F.linear(
+            x,
+            self.in_proj_weight[index * e : (index + 1) * e],
+            self.in_proj_bias[index * e : (index + 1) * e],
+        )
         return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                priors: Optional[Sequence[Tensor]] = None, level_lengths: Optional[Sequence[int]] = None,
-                level_weights: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        priors: Optional[Sequence[Tensor]] = None,
+        level_lengths: Optional[Sequence[int]] = None,
+        level_weights: Optional[Tensor] = None,
+    ) -> Tensor:
         """
         Args:
             query: (B, Q, E); key, value: (B, S, E).
@@ -188,7 +227,9 @@ class GaussianModulatedAttention(nn.Module):
         if priors is not None and len(priors) != len(lengths):
             raise ValueError(f"{len(priors)} priors for {len(lengths)} levels")
         if level_weights is not None and level_weights.shape[-1] != len(lengths):
-            raise ValueError(f"level_weights has {level_weights.shape[-1]} levels, keys have {len(lengths)}")
+            raise ValueError(
+                f"level_weights has {level_weights.shape[-1]} levels, keys have {len(lengths)}"
+            )
         masks = [None] * len(lengths)
         if key_padding_mask is not None:
             masks = list(key_padding_mask[:, None, None, :].split(lengths, dim=-1))
@@ -211,10 +252,14 @@ class GaussianModulatedAttention(nn.Module):
                 bias = biases[0]
             out = scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         else:
-            weights = level_weights.to(q.dtype).transpose(1, 2)[:, None, :, :, None]  # (B, 1, L, Q, 1)
+            weights = level_weights.to(q.dtype).transpose(1, 2)[
+                :, None, :, :, None
+            ]  # (B, 1, L, Q, 1)
             out = 0
             for lvl, (k_l, v_l) in enumerate(zip(k.split(lengths, dim=2), v.split(lengths, dim=2))):
-                e_l = scaled_dot_product_attention(q, k_l, v_l, attn_mask=biases[lvl], dropout_p=dropout)
+                e_l = scaled_dot_product_attention(
+                    q, k_l, v_l, attn_mask=biases[lvl], dropout_p=dropout
+                )
                 out = out + weights[:, :, lvl] * e_l
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.embed_dim))
 
@@ -224,7 +269,9 @@ def _full_bias(bias: Optional[Tensor], q: Tensor, length: int) -> Tensor:
     if bias is None:
         return q.new_zeros((1, 1, 1, length))
     if bias.dtype == torch.bool:
-        return torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
+        return torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~bias, float("-inf")
+        )
     return bias
 
 
@@ -244,10 +291,20 @@ class SMCADecoderLayer(nn.Module):
             False: one softmax over the tokens of all levels ("w/o SSA" of Table 3).
     """
 
-    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str = "relu", num_levels: int = 1, scale_type: str = "independent",
-                 multi_head_modulation: bool = True, beta: float = 8.0, scale_selection: bool = True,
-                 level_distance_factors: Optional[Sequence[float]] = None):
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        num_levels: int = 1,
+        scale_type: str = "independent",
+        multi_head_modulation: bool = True,
+        beta: float = 8.0,
+        scale_selection: bool = True,
+        level_distance_factors: Optional[Sequence[float]] = None,
+    ):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
@@ -260,17 +317,34 @@ class SMCADecoderLayer(nn.Module):
         self.dropout2 = Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.prior_norm = nn.LayerNorm(d_model)
-        self.modulation = SpatialModulation(d_model, nhead, num_levels, scale_type, multi_head_modulation, beta,
-                                            level_distance_factors)
-        self.scale_selection = nn.Linear(d_model, num_levels) if num_levels > 1 and scale_selection else None
+        self.modulation = SpatialModulation(
+            d_model,
+            nhead,
+            num_levels,
+            scale_type,
+            multi_head_modulation,
+            beta,
+            level_distance_factors,
+        )
+        self.scale_selection = (
+            nn.Linear(d_model, num_levels) if num_levels > 1 and scale_selection else None
+        )
 
     def scale_weights(self, x: Tensor) -> Optional[Tensor]:
         """(B, Q, L) scale-selection weights from ``x = prior_norm(tgt + query_pos)``, or None."""
         return None if self.scale_selection is None else self.scale_selection(x).softmax(-1)
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor, centers: Tensor,
-                level_sizes: Tensor, spatial_shapes: Sequence[Tuple[int, int]],
-                memory_key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        query_pos: Tensor,
+        pos: Tensor,
+        centers: Tensor,
+        level_sizes: Tensor,
+        spatial_shapes: Sequence[Tuple[int, int]],
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         """tgt, query_pos: (B, Q, d); memory, pos: (B, S, d) (levels concatenated, row-major);
         centers: (B, Q, 2) normalised; level_sizes: (B, L, 2) unpadded (w, h) in cells;
         spatial_shapes: per level (h, w) of the padded maps."""
@@ -280,10 +354,18 @@ class SMCADecoderLayer(nn.Module):
         priors = self.modulation(x, centers, level_sizes, spatial_shapes)
         weights = self.scale_weights(x)
         q = k = tgt + query_pos
-        tgt = self.norm1(self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt))
-        out = self.cross_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask,
-                              priors=priors, level_lengths=[int(h) * int(w) for h, w in spatial_shapes],
-                              level_weights=weights)
+        tgt = self.norm1(
+            self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt)
+        )
+        out = self.cross_attn(
+            tgt + query_pos,
+            memory + pos,
+            memory,
+            key_padding_mask=memory_key_padding_mask,
+            priors=priors,
+            level_lengths=[int(h) * int(w) for h, w in spatial_shapes],
+            level_weights=weights,
+        )
         tgt = self.norm2(self.dropout2(out, residual=tgt))
         return self.ffn(tgt)
 
@@ -306,15 +388,31 @@ class SMCADecoder(nn.Module):
         self.norm = nn.Identity() if norm is None else norm
         self.center_head = MLP(layer.d_model, layer.d_model, 2, 3)
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor, level_sizes: Tensor,
-                spatial_shapes: Sequence[Tuple[int, int]],
-                memory_key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        query_pos: Tensor,
+        pos: Tensor,
+        level_sizes: Tensor,
+        spatial_shapes: Sequence[Tuple[int, int]],
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """Returns every layer's normed output (num_layers, B, Q, d) and the centre logits (B, Q, 2)."""
         center_logits = self.center_head(self.layers[0].prior_norm(tgt + query_pos))
         centers = center_logits.sigmoid()
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, query_pos, pos, centers, level_sizes, spatial_shapes, memory_key_padding_mask)
+            tgt = layer(
+                tgt,
+                memory,
+                query_pos,
+                pos,
+                centers,
+                level_sizes,
+                spatial_shapes,
+                memory_key_padding_mask,
+            )
             outputs.append(self.norm(tgt))
         return torch.stack(outputs), center_logits
 
@@ -329,13 +427,17 @@ def parse_encoder_layout(layout: Union[str, Sequence[str]]) -> List[str]:
     Accepts a list (``["intra", "intra", "multi", "intra", "intra"]``) or the paper's shorthand
     joined by ``-``: ``"2intra-multi-2intra"``, ``"5intra"``, ``"3multi"``.
     """
-    parts = re.split(r"[-_,\s]+", layout.strip().lower()) if isinstance(layout, str) else list(layout)
+    parts = (
+        re.split(r"[-_,\s]+", layout.strip().lower()) if isinstance(layout, str) else list(layout)
+    )
     blocks: List[str] = []
     for part in parts:
         m = re.fullmatch(r"(\d*)\s*(intra|multi)", str(part).strip().lower())
         if not m:
-            raise ValueError(f"bad encoder block {part!r} in {layout!r}; use 'intra' or 'multi', "
-                             "e.g. '2intra-multi-2intra'")
+            raise ValueError(
+                f"bad encoder block {part!r} in {layout!r}; use 'intra' or 'multi', "
+                "e.g. '2intra-multi-2intra'"
+            )
         blocks += [m.group(2)] * int(m.group(1) or 1)
     if not blocks:
         raise ValueError("the encoder layout is empty")
@@ -356,27 +458,54 @@ class MultiScaleEncoder(nn.Module):
         layout: see :func:`parse_encoder_layout`.
     """
 
-    def __init__(self, layer: nn.Module, layout: Union[str, Sequence[str]] = "2intra-multi-2intra",
-                 norm: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        layer: nn.Module,
+        layout: Union[str, Sequence[str]] = "2intra-multi-2intra",
+        norm: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.layout = parse_encoder_layout(layout)
         self.layers = clone_layers(layer, len(self.layout))
         self.norm = norm
 
-    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor],
-                level_lengths: Sequence[int]) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        key_padding_mask: Optional[Tensor],
+        level_lengths: Sequence[int],
+    ) -> Tensor:
         """src, pos: (B, S, d), levels concatenated; key_padding_mask: (B, S); level_lengths sum to S."""
         lengths = [int(n) for n in level_lengths]
         pos_levels = pos.split(lengths, dim=1)
-        mask_levels = [None] * len(lengths) if key_padding_mask is None else key_padding_mask.split(lengths, dim=1)
+        mask_levels = (
+            [None] * len(lengths)
+            if key_padding_mask is None
+            else key_padding_mask.split(lengths, dim=1)
+        )
         for kind, layer in zip(self.layout, self.layers):
             if kind == "multi":
                 src = layer(src, pos=pos, key_padding_mask=key_padding_mask)
             else:
-                src = torch.cat([layer(s, pos=p, key_padding_mask=m)
-                                 for s, p, m in zip(src.split(lengths, dim=1), pos_levels, mask_levels)], dim=1)
+                src = torch.cat(
+                    [
+                        layer(s, pos=p, key_padding_mask=m)
+                        for s, p, m in zip(src.split(lengths, dim=1), pos_levels, mask_levels)
+                    ],
+                    dim=1,
+                )
         return src if self.norm is None else self.norm(src)
 
 
-__all__ = ["gaussian_log_prior", "SpatialModulation", "GaussianModulatedAttention", "SMCADecoderLayer",
-           "SMCADecoder", "parse_encoder_layout", "MultiScaleEncoder", "SCALE_TYPES", "ENCODER_BLOCKS"]
+__all__ = [
+    "gaussian_log_prior",
+    "SpatialModulation",
+    "GaussianModulatedAttention",
+    "SMCADecoderLayer",
+    "SMCADecoder",
+    "parse_encoder_layout",
+    "MultiScaleEncoder",
+    "SCALE_TYPES",
+    "ENCODER_BLOCKS",
+]

@@ -3,6 +3,7 @@
 Post-norm by default as in DETR; ``normalize_before=True`` gives the pre-norm layers TSP uses.
 Positional encodings are added to queries and keys (never to values) in every layer.
 """
+
 import copy
 from typing import Optional
 
@@ -28,8 +29,14 @@ def _activation(name: str):
 class FeedForward(nn.Module):
     """``x + Dropout(Linear(Dropout(act(Linear(x)))))`` with post- or pre-LayerNorm."""
 
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.1,
-                 activation: str = "relu", normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -56,8 +63,15 @@ class FeedForward(nn.Module):
 class TransformerEncoderLayer(nn.Module):
     """Self-attention over flattened feature tokens, then FFN (DETR, eq. in Sec. 3.2)."""
 
-    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, activation: str = "relu", normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
@@ -65,8 +79,9 @@ class TransformerEncoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
         self.normalize_before = normalize_before
 
-    def forward(self, src: Tensor, pos: Optional[Tensor] = None,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         """src, pos: (B, S, C); key_padding_mask: (B, S) True at padding."""
         x = self.norm(src) if self.normalize_before else src
         q = k = _with_pos(x, pos)
@@ -80,8 +95,15 @@ class TransformerEncoderLayer(nn.Module):
 class TransformerDecoderLayer(nn.Module):
     """Query self-attention, cross-attention to the encoder memory, then FFN (DETR)."""
 
-    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, activation: str = "relu", normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
@@ -92,8 +114,14 @@ class TransformerDecoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
         self.normalize_before = normalize_before
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        query_pos: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         """tgt, query_pos: (B, Q, C); memory, pos: (B, S, C)."""
         x = self.norm1(tgt) if self.normalize_before else tgt
         q = k = _with_pos(x, query_pos)
@@ -101,8 +129,13 @@ class TransformerDecoderLayer(nn.Module):
         if not self.normalize_before:
             tgt = self.norm1(tgt)
         x = self.norm2(tgt) if self.normalize_before else tgt
-        attn = self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, pos), memory,
-                               key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
+        attn = self.cross_attn(
+            _with_pos(x, query_pos),
+            _with_pos(memory, pos),
+            memory,
+            key_padding_mask=memory_key_padding_mask,
+            need_weights=False,
+        )[0]
         tgt = self.dropout2(attn, residual=tgt)
         if not self.normalize_before:
             tgt = self.norm2(tgt)
@@ -122,8 +155,9 @@ class TransformerEncoder(nn.Module):
         self.layers = clone_layers(layer, num_layers)
         self.norm = norm
 
-    def forward(self, src: Tensor, pos: Optional[Tensor] = None,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         for layer in self.layers:
             src = layer(src, pos=pos, key_padding_mask=key_padding_mask)
         return src if self.norm is None else self.norm(src)
@@ -141,12 +175,23 @@ class TransformerDecoder(nn.Module):
         self.layers = clone_layers(layer, num_layers)
         self.norm = nn.Identity() if norm is None else norm
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        query_pos: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, query_pos=query_pos, pos=pos,
-                        memory_key_padding_mask=memory_key_padding_mask)
+            tgt = layer(
+                tgt,
+                memory,
+                query_pos=query_pos,
+                pos=pos,
+                memory_key_padding_mask=memory_key_padding_mask,
+            )
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 

@@ -1,9 +1,30 @@
 from .backbone import feature_masks, make_resnet
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .matcher import HungarianMatcher, RestrictedMatcher
-from .meta_arch import (DETR, TSPFCOS, TSPRCNN, ConditionalDETR, DeformableDETR, MultiScaleSMCADETR,
-                        SetPredictionDetector, SMCADETR)
+from .meta_arch import (
+    DETR,
+    SMCADETR,
+    TSPFCOS,
+    TSPRCNN,
+    ConditionalDETR,
+    DeformableDETR,
+    MultiScaleSMCADETR,
+    SetPredictionDetector,
+)
 
-__all__ = ["feature_masks", "make_resnet", "SetCriterion", "sigmoid_focal_loss", "HungarianMatcher",
-           "DETR", "ConditionalDETR", "DeformableDETR", "SetPredictionDetector", "SMCADETR", "MultiScaleSMCADETR",
-           "RestrictedMatcher", "TSPFCOS", "TSPRCNN"]
+__all__ = [
+    "feature_masks",
+    "make_resnet",
+    "SetCriterion",
+    "sigmoid_focal_loss",
+    "HungarianMatcher",
+    "DETR",
+    "ConditionalDETR",
+    "DeformableDETR",
+    "SetPredictionDetector",
+    "SMCADETR",
+    "MultiScaleSMCADETR",
+    "RestrictedMatcher",
+    "TSPFCOS",
+    "TSPRCNN",
+]

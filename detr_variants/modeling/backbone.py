@@ -4,6 +4,7 @@ The backbones are detectron2's own ``ResNet`` (and ``FPN`` for TSP), held by the
 ``self.backbone``, so ``DetectionCheckpointer`` loads detectron2 model-zoo checkpoints
 (e.g. ``detectron2://ImageNetPretrained/torchvision/R-50.pkl``) with no renaming.
 """
+
 from typing import Dict, Sequence
 
 import torch
@@ -12,12 +13,23 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import Tensor, nn
 
-_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
-                     152: [3, 8, 36, 3]}
+_BLOCKS_PER_STAGE = {
+    18: [2, 2, 2, 2],
+    34: [3, 4, 6, 3],
+    50: [3, 4, 6, 3],
+    101: [3, 4, 23, 3],
+    152: [3, 8, 36, 3],
+}
 
 
-def make_resnet(depth: int = 50, out_features: Sequence[str] = ("res5",), norm: str = "FrozenBN",
-                freeze_at: int = 2, stride_in_1x1: bool = False, dc5: bool = False) -> ResNet:
+def make_resnet(
+    depth: int = 50,
+    out_features: Sequence[str] = ("res5",),
+    norm: str = "FrozenBN",
+    freeze_at: int = 2,
+    stride_in_1x1: bool = False,
+    dc5: bool = False,
+) -> ResNet:
     """A detectron2 ``ResNet`` as the DETR family uses it.
 
     Args:
@@ -30,18 +42,27 @@ def make_resnet(depth: int = 50, out_features: Sequence[str] = ("res5",), norm: 
             block keeps dilation 1 and the later ones use dilation 2.
     """
     if depth not in _BLOCKS_PER_STAGE:
-        raise ValueError(f"unsupported ResNet depth {depth}; use one of {sorted(_BLOCKS_PER_STAGE)}")
+        raise ValueError(
+            f"unsupported ResNet depth {depth}; use one of {sorted(_BLOCKS_PER_STAGE)}"
+        )
     if dc5 and depth < 50:
         raise ValueError("DC5 needs bottleneck blocks (depth >= 50)")
     bottleneck = depth >= 50
     in_channels = [64, 256, 512, 1024] if bottleneck else [64, 64, 128, 256]
     out_channels = [256, 512, 1024, 2048] if bottleneck else [64, 128, 256, 512]
     stages = []
-    for idx, (n, c_in, c_out) in enumerate(zip(_BLOCKS_PER_STAGE[depth], in_channels, out_channels)):
+    for idx, (n, c_in, c_out) in enumerate(
+        zip(_BLOCKS_PER_STAGE[depth], in_channels, out_channels)
+    ):
         stride = 1 if idx == 0 or (dc5 and idx == 3) else 2
-        kwargs = dict(block_class=BottleneckBlock if bottleneck else BasicBlock, num_blocks=n,
-                      in_channels=c_in, out_channels=c_out, norm=norm,
-                      stride_per_block=[stride] + [1] * (n - 1))
+        kwargs = dict(
+            block_class=BottleneckBlock if bottleneck else BasicBlock,
+            num_blocks=n,
+            in_channels=c_in,
+            out_channels=c_out,
+            norm=norm,
+            stride_per_block=[stride] + [1] * (n - 1),
+        )
         if bottleneck:
             kwargs.update(bottleneck_channels=c_out // 4, stride_in_1x1=stride_in_1x1)
             if dc5 and idx == 3:
@@ -67,8 +88,15 @@ class FrozenBNConv2d(Conv2d):
         shift = bn.bias - bn.running_mean * scale
         if self.bias is not None:
             shift = shift + self.bias * scale
-        x = F.conv2d(x, self.weight * scale.view(-1, 1, 1, 1).to(self.weight.dtype), shift.to(x.dtype),
-                     self.stride, self.padding, self.dilation, self.groups)
+        x = F.conv2d(
+            x,
+            self.weight * scale.view(-1, 1, 1, 1).to(self.weight.dtype),
+            shift.to(x.dtype),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
         return x if self.activation is None else self.activation(x)
 
 

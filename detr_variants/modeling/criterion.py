@@ -1,4 +1,5 @@
 """Set criterion: losses between matched predictions and ground truth (DETR, Sec. 3.1)."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -9,7 +10,9 @@ from torch import Tensor, nn
 from ..layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
     """Elementwise focal loss (Lin et al. 2017) on sigmoid probabilities; alpha < 0 disables weighting."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -36,9 +39,17 @@ class SetCriterion(nn.Module):
             ``"ce"`` (softmax over classes + no-object with ``eos_coef`` on no-object, as DETR).
     """
 
-    def __init__(self, *, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
-                 class_loss: str = "focal", eos_coef: float = 0.1, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        class_loss: str = "focal",
+        eos_coef: float = 0.1,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
         super().__init__()
         unknown = set(weight_dict) - {"loss_class", "loss_bbox", "loss_giou"}
         if unknown:
@@ -60,9 +71,13 @@ class SetCriterion(nn.Module):
     def loss_class(self, outputs, targets, indices, num_boxes: float) -> Tensor:
         logits = outputs["pred_logits"].float()
         b, q = logits.shape[:2]
-        target_classes = torch.full((b, q), self.num_classes, dtype=torch.long, device=logits.device)
+        target_classes = torch.full(
+            (b, q), self.num_classes, dtype=torch.long, device=logits.device
+        )
         batch_idx, src_idx = _flat_indices(indices)
-        target_classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target_classes[batch_idx, src_idx] = torch.cat(
+            [t["labels"][j] for t, (_, j) in zip(targets, indices)]
+        )
         if self.class_loss == "ce":
             return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         # One-hot over the real classes only: "no object" is the all-zero target.

@@ -1,4 +1,5 @@
 """Bipartite matching between predictions and ground truth (DETR, Sec. 3.1)."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -8,7 +9,9 @@ from torch import Tensor, nn
 from ..layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
-def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def focal_class_cost(
+    logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
     """Deformable DETR's focal matching cost, gathered at the GT labels.
 
     Args:
@@ -38,11 +41,20 @@ class HungarianMatcher(nn.Module):
     ``scipy.optimize.linear_sum_assignment``. Boxes are normalised cxcywh.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 class_cost_type: str = "softmax", focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        class_cost_type: str = "softmax",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
         super().__init__()
         if class_cost_type not in ("softmax", "focal"):
-            raise ValueError(f"class_cost_type must be 'softmax' or 'focal', got {class_cost_type!r}")
+            raise ValueError(
+                f"class_cost_type must be 'softmax' or 'focal', got {class_cost_type!r}"
+            )
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are zero")
         self.cost_class = cost_class
@@ -53,7 +65,9 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = focal_gamma
 
     @torch.no_grad()
-    def cost_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, targets: List[Dict[str, Tensor]]):
+    def cost_matrix(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: List[Dict[str, Tensor]]
+    ):
         """Returns the (B, Q, G_max) cost and the per-image GT counts."""
         sizes = [len(t["labels"]) for t in targets]
         b, q = pred_logits.shape[:2]
@@ -69,13 +83,18 @@ class HungarianMatcher(nn.Module):
         else:
             cost_class = softmax_class_cost(logits, labels)
         cost_bbox = (pred_boxes[:, :, None] - boxes[:, None]).abs().sum(-1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes)[:, :, None],
-                                         box_cxcywh_to_xyxy(boxes)[:, None])
-        cost = self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
+        cost_giou = -generalized_box_iou(
+            box_cxcywh_to_xyxy(pred_boxes)[:, :, None], box_cxcywh_to_xyxy(boxes)[:, None]
+        )
+        cost = (
+            self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
+        )
         return cost, sizes
 
     @torch.no_grad()
-    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+    def forward(
+        self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
+    ) -> List[Tuple[Tensor, Tensor]]:
         """Returns, per image, (prediction indices, GT indices) of the optimal assignment."""
         cost, sizes = self.cost_matrix(outputs["pred_logits"], outputs["pred_boxes"], targets)
         cost = cost.cpu()
@@ -84,7 +103,9 @@ class HungarianMatcher(nn.Module):
         indices = []
         for i, n in enumerate(sizes):
             rows, cols = linear_sum_assignment(cost[i, :, :n].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long))
+            )
         return indices
 
 
@@ -133,7 +154,9 @@ class RestrictedMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     @torch.no_grad()
-    def forward(self, class_cost: Tensor, giou_cost: Tensor, candidate_gt: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, class_cost: Tensor, giou_cost: Tensor, candidate_gt: Tensor
+    ) -> Tuple[Tensor, Tensor]:
         """All (N,); returns (prediction indices, GT indices) as :func:`restricted_match`."""
         cost = self.cost_class * class_cost.float() + self.cost_giou * giou_cost.float()
         return restricted_match(cost, candidate_gt)

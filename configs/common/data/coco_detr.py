@@ -1,6 +1,10 @@
 # COCO 2017 with DETR's augmentation (detectron2's builtin registration: $DETECTRON2_DATASETS/coco).
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
@@ -14,8 +18,11 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(DetrDatasetMapper)(
         is_train=True,
         augmentations=L(detr_train_augmentations)(
-            min_sizes=list(range(480, 801, 32)), max_size=1333,
-            crop_resize_sizes=[400, 500, 600], crop_size=[384, 600]),
+            min_sizes=list(range(480, 801, 32)),
+            max_size=1333,
+            crop_resize_sizes=[400, 500, 600],
+            crop_size=[384, 600],
+        ),
         image_format="RGB",
     ),
     total_batch_size=32,

@@ -1,7 +1,11 @@
 # The embedded synthetic_shapes dataset (generated on first use), with DETR's augmentation
 # scaled from COCO's 800-pixel recipe by 224/800 (the images are 224-320 pixels a side).
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
@@ -14,8 +18,11 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(DetrDatasetMapper)(
         is_train=True,
         augmentations=L(detr_train_augmentations)(
-            min_sizes=list(range(144, 225, 16)), max_size=373,
-            crop_resize_sizes=[112, 140, 168], crop_size=[108, 168]),
+            min_sizes=list(range(144, 225, 16)),
+            max_size=373,
+            crop_resize_sizes=[112, 140, 168],
+            crop_size=[108, 168],
+        ),
         image_format="RGB",
     ),
     total_batch_size=8,

@@ -2,9 +2,20 @@ from .base import SetPredictionDetector, set_prediction_outputs
 from .conditional_detr import ConditionalDETR
 from .deformable_detr import DeformableDETR
 from .detr import DETR
-from .smca_detr import MultiScaleSMCADETR, SMCADETR
+from .smca_detr import SMCADETR, MultiScaleSMCADETR
 from .tsp_fcos import TSPFCOS
 from .tsp_rcnn import TSPRCNN, CascadeTransformerROIHeads, TransformerROIHeads
 
-__all__ = ["SetPredictionDetector", "set_prediction_outputs", "DETR", "DeformableDETR", "ConditionalDETR", "SMCADETR",
-           "MultiScaleSMCADETR", "TSPFCOS", "TSPRCNN", "TransformerROIHeads", "CascadeTransformerROIHeads"]
+__all__ = [
+    "SetPredictionDetector",
+    "set_prediction_outputs",
+    "DETR",
+    "DeformableDETR",
+    "ConditionalDETR",
+    "SMCADETR",
+    "MultiScaleSMCADETR",
+    "TSPFCOS",
+    "TSPRCNN",
+    "TransformerROIHeads",
+    "CascadeTransformerROIHeads",
+]

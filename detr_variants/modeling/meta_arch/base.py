@@ -4,6 +4,7 @@ the criterion call in training and top-k/argmax inference into detectron2 ``Inst
 A variant subclasses :class:`SetPredictionDetector` and implements :meth:`compute_outputs`,
 which maps padded images and their padding mask to per-layer class logits and boxes.
 """
+
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -21,12 +22,19 @@ def set_prediction_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool = True)
     ``aux_loss``, one ``aux_outputs`` entry per earlier layer."""
     out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
     if aux_loss:
-        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        out["aux_outputs"] = [
+            {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
+        ]
     return out
 
 
-def project_levels(features: Dict[str, Tensor], masks: Dict[str, Tensor], padding_mask: Tensor,
-                   input_proj: nn.ModuleList, in_features: List[str]) -> Tuple[List[Tensor], List[Tensor]]:
+def project_levels(
+    features: Dict[str, Tensor],
+    masks: Dict[str, Tensor],
+    padding_mask: Tensor,
+    input_proj: nn.ModuleList,
+    in_features: List[str],
+) -> Tuple[List[Tensor], List[Tensor]]:
     """Feature levels for multi-scale transformers and their padding masks.
 
     ``in_features`` go through the first projections; every further projection (a stride-2
@@ -35,9 +43,11 @@ def project_levels(features: Dict[str, Tensor], masks: Dict[str, Tensor], paddin
     """
     srcs = [proj(features[f]) for proj, f in zip(input_proj, in_features)]
     level_masks = [masks[f] for f in in_features]
-    for proj in input_proj[len(in_features):]:
+    for proj in input_proj[len(in_features) :]:
         srcs.append(proj(features[in_features[-1]] if len(srcs) == len(in_features) else srcs[-1]))
-        level_masks.append(F.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0])
+        level_masks.append(
+            F.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0]
+        )
     return srcs, level_masks
 
 
@@ -56,9 +66,19 @@ class SetPredictionDetector(nn.Module):
         size_divisibility: pad the batch to a multiple of this (0: to the largest image).
     """
 
-    def __init__(self, *, backbone: nn.Module, criterion: nn.Module, num_classes: int,
-                 pixel_mean: Sequence[float], pixel_std: Sequence[float], input_format: str = "RGB",
-                 class_score: str = "sigmoid", test_topk: int = 100, size_divisibility: int = 0):
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        criterion: nn.Module,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str = "RGB",
+        class_score: str = "sigmoid",
+        test_topk: int = 100,
+        size_divisibility: int = 0,
+    ):
         super().__init__()
         if class_score not in ("sigmoid", "softmax"):
             raise ValueError(f"class_score must be 'sigmoid' or 'softmax', got {class_score!r}")
@@ -71,8 +91,12 @@ class SetPredictionDetector(nn.Module):
         self.class_score = class_score
         self.test_topk = test_topk
         self.size_divisibility = size_divisibility
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False
+        )
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +124,9 @@ class SetPredictionDetector(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, Tensor]:
         """Normalises and pads the images; the mask is True at padding (also in eval, so results
         do not depend on which images share a batch)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         images = ImageList.from_tensors(images, self.size_divisibility)
         b, _, h, w = images.tensor.shape
         padding_mask = torch.ones((b, h, w), dtype=torch.bool, device=self.device)
@@ -108,7 +134,9 @@ class SetPredictionDetector(nn.Module):
             padding_mask[i, :ih, :iw] = False
         return images, padding_mask
 
-    def backbone_features(self, images: ImageList, padding_mask: Tensor) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    def backbone_features(
+        self, images: ImageList, padding_mask: Tensor
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         """Backbone feature maps and their padding masks, keyed by feature name."""
         features = self.backbone(images.tensor)
         return features, feature_masks(padding_mask, features)
@@ -121,14 +149,18 @@ class SetPredictionDetector(nn.Module):
             h, w = inst.image_size
             labels = inst.gt_classes.long()
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"GT class ids must be in [0, {self.num_classes}); got "
-                                 f"{labels.unique().tolist()} (does num_classes match the dataset?)")
+                raise ValueError(
+                    f"GT class ids must be in [0, {self.num_classes}); got "
+                    f"{labels.unique().tolist()} (does num_classes match the dataset?)"
+                )
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.float() / scale)
             targets.append({"labels": labels, "boxes": boxes})
         return targets
 
-    def inference(self, logits: Tensor, boxes: Tensor, image_sizes: List[Tuple[int, int]]) -> List[Instances]:
+    def inference(
+        self, logits: Tensor, boxes: Tensor, image_sizes: List[Tuple[int, int]]
+    ) -> List[Instances]:
         """Scores and absolute xyxy boxes in the (resized) input image frame."""
         if self.class_score == "sigmoid":
             b, q, c = logits.shape
@@ -148,7 +180,9 @@ class SetPredictionDetector(nn.Module):
         return results
 
     @staticmethod
-    def postprocess(results: List[Instances], batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+    def postprocess(
+        results: List[Instances], batched_inputs: List[Dict]
+    ) -> List[Dict[str, Instances]]:
         """Rescales to each input's original ``height``/``width`` (detectron2 convention)."""
         processed = []
         for inst, x in zip(results, batched_inputs):
@@ -156,5 +190,3 @@ class SetPredictionDetector(nn.Module):
             w = x.get("width", inst.image_size[1])
             processed.append({"instances": detector_postprocess(inst, h, w)})
         return processed
-
-

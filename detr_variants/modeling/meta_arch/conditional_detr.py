@@ -1,4 +1,5 @@
 """Conditional DETR (Meng et al. 2021): conditional spatial queries for fast training convergence."""
+
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
@@ -32,8 +33,15 @@ class ConditionalDETR(DETR):
     def compute_outputs(self, images, padding_mask):
         memory, pos, mask = self.encode(images, padding_mask)
         query_pos = self.query_positions(memory.shape[0])
-        hs, reference = self.decoder(query_pos.new_zeros(query_pos.shape), memory, query_pos=query_pos,
-                                     pos=pos, memory_key_padding_mask=mask)
+        hs, reference = self.decoder(
+            query_pos.new_zeros(query_pos.shape),
+            memory,
+            query_pos=query_pos,
+            pos=pos,
+            memory_key_padding_mask=mask,
+        )
         delta = self.bbox_embed(hs)
-        boxes = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], dim=-1).sigmoid()
+        boxes = torch.cat(
+            [delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], dim=-1
+        ).sigmoid()
         return set_prediction_outputs(self.class_embed(hs), boxes, self.aux_loss)

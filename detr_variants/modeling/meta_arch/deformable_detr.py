@@ -1,5 +1,6 @@
 """Deformable DETR (Zhu et al., ICLR 2021): multi-scale deformable attention, optional iterative
 box refinement and two-stage proposals, faithful to the official implementation."""
+
 import copy
 import math
 from typing import Dict, List, Sequence
@@ -8,14 +9,21 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
-from ...layers.deformable_transformer import (flatten_levels, level_layout, refine_reference, valid_ratios)
+from ...layers.deformable_transformer import (
+    flatten_levels,
+    level_layout,
+    refine_reference,
+    valid_ratios,
+)
 from ...layers.mlp import MLP
-from ...layers.position_encoding import sine_embed_coordinates
 from ...layers.ms_deform_attn import MultiScaleDeformableAttention
+from ...layers.position_encoding import sine_embed_coordinates
 from .base import SetPredictionDetector, project_levels, set_prediction_outputs
 
 
-def _projection(in_channels: int, hidden_dim: int, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
+def _projection(
+    in_channels: int, hidden_dim: int, kernel_size: int = 1, stride: int = 1
+) -> nn.Sequential:
     conv = nn.Conv2d(in_channels, hidden_dim, kernel_size, stride=stride, padding=kernel_size // 2)
     nn.init.xavier_uniform_(conv.weight, gain=1)
     nn.init.zeros_(conv.bias)
@@ -36,10 +44,21 @@ class DeformableDETR(SetPredictionDetector):
         two_stage: queries from the top-scoring encoder proposals (Sec. 4.2, App. A.4).
     """
 
-    def __init__(self, *, in_features: Sequence[str], num_feature_levels: int, encoder: nn.Module,
-                 decoder: nn.Module, position_embedding: nn.Module, num_queries: int = 300,
-                 hidden_dim: int = 256, with_box_refine: bool = False, two_stage: bool = False,
-                 aux_loss: bool = True, **kwargs):
+    def __init__(
+        self,
+        *,
+        in_features: Sequence[str],
+        num_feature_levels: int,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        position_embedding: nn.Module,
+        num_queries: int = 300,
+        hidden_dim: int = 256,
+        with_box_refine: bool = False,
+        two_stage: bool = False,
+        aux_loss: bool = True,
+        **kwargs,
+    ):
         super().__init__(class_score="sigmoid", **kwargs)
         if num_feature_levels < len(in_features):
             raise ValueError("num_feature_levels must be at least len(in_features)")
@@ -56,8 +75,10 @@ class DeformableDETR(SetPredictionDetector):
 
         shapes = self.backbone.output_shape()
         channels = [shapes[f].channels for f in self.in_features]
-        extra = [_projection(channels[-1] if i == 0 else hidden_dim, hidden_dim, 3, 2)
-                 for i in range(num_feature_levels - len(channels))]
+        extra = [
+            _projection(channels[-1] if i == 0 else hidden_dim, hidden_dim, 3, 2)
+            for i in range(num_feature_levels - len(channels))
+        ]
         self.input_proj = nn.ModuleList([_projection(c, hidden_dim) for c in channels] + extra)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
         if two_stage:
@@ -106,9 +127,13 @@ class DeformableDETR(SetPredictionDetector):
     def multi_level_features(self, images, padding_mask):
         """Projected feature maps of every level with their masks and position encodings."""
         features, masks = self.backbone_features(images, padding_mask)
-        srcs, level_masks = project_levels(features, masks, padding_mask, self.input_proj, self.in_features)
-        pos = [self.position_embedding(m).to(s.dtype) + e.view(1, -1, 1, 1)
-               for m, s, e in zip(level_masks, srcs, self.level_embed)]
+        srcs, level_masks = project_levels(
+            features, masks, padding_mask, self.input_proj, self.in_features
+        )
+        pos = [
+            self.position_embedding(m).to(s.dtype) + e.view(1, -1, 1, 1)
+            for m, s, e in zip(level_masks, srcs, self.level_embed)
+        ]
         return srcs, level_masks, pos
 
     def compute_outputs(self, images, padding_mask) -> Dict:
@@ -119,20 +144,45 @@ class DeformableDETR(SetPredictionDetector):
         # the attention zeroes the values at padding; a batch without any (one image, or images of
         # one size) skips that pass, and its backward
         value_mask = memory_mask if memory_mask.any() else None
-        memory = self.encoder(flatten_levels(srcs), flatten_levels(pos), spatial_shapes, level_start_index,
-                              ratios, value_mask)
+        memory = self.encoder(
+            flatten_levels(srcs),
+            flatten_levels(pos),
+            spatial_shapes,
+            level_start_index,
+            ratios,
+            value_mask,
+        )
 
         out_extra = {}
         if self.two_stage:
-            query_pos, tgt, reference_points, enc_outputs = self.encoder_proposals(memory, memory_mask, spatial_shapes)
+            query_pos, tgt, reference_points, enc_outputs = self.encoder_proposals(
+                memory, memory_mask, spatial_shapes
+            )
             out_extra["enc_outputs"] = enc_outputs
         else:
-            query_pos, tgt = self.query_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1).chunk(2, dim=-1)
+            query_pos, tgt = (
+                self.query_embed.weight.unsqueeze(0)
+                .expand(memory.shape[0], -1, -1)
+                .chunk(2, dim=-1)
+            )
             reference_points = self.reference_points(query_pos).sigmoid()
-        hs, references = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                      ratios, value_mask)
+        hs, references = self.decoder(
+            tgt,
+            query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            ratios,
+            value_mask,
+        )
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
-        boxes = torch.stack([refine_reference(self.bbox_embed[i](h), r) for i, (h, r) in enumerate(zip(hs, references))])
+        boxes = torch.stack(
+            [
+                refine_reference(self.bbox_embed[i](h), r)
+                for i, (h, r) in enumerate(zip(hs, references))
+            ]
+        )
         return {**set_prediction_outputs(logits, boxes, self.aux_loss), **out_extra}
 
     def encoder_proposals(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor):
@@ -144,7 +194,9 @@ class DeformableDETR(SetPredictionDetector):
         topk = torch.topk(enc_class[..., 0], self.num_queries, dim=1)[1]
         topk_coords = enc_coord_logits.gather(1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         reference_points = topk_coords.sigmoid()
-        query = self.pos_trans_norm(self.pos_trans(sine_embed_coordinates(reference_points, self.hidden_dim // 2)))
+        query = self.pos_trans_norm(
+            self.pos_trans(sine_embed_coordinates(reference_points, self.hidden_dim // 2))
+        )
         query_pos, tgt = query.chunk(2, dim=-1)
         enc_outputs = {"pred_logits": enc_class, "pred_boxes": enc_coord_logits.sigmoid()}
         return query_pos, tgt, reference_points, enc_outputs
@@ -156,13 +208,16 @@ class DeformableDETR(SetPredictionDetector):
         proposals: List[Tensor] = []
         start = 0
         for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-            mask = memory_mask[:, start:start + h * w].view(-1, h, w)
+            mask = memory_mask[:, start : start + h * w].view(-1, h, w)
             valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
-            ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
-                                    torch.arange(w, dtype=torch.float32, device=memory.device), indexing="ij")
+            ys, xs = torch.meshgrid(
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
+                indexing="ij",
+            )
             scale = torch.stack([valid_w, valid_h], -1).float().view(-1, 1, 1, 2)
             centres = (torch.stack([xs, ys], -1)[None] + 0.5) / scale
-            sizes = torch.full_like(centres, 0.05 * 2.0 ** lvl)
+            sizes = torch.full_like(centres, 0.05 * 2.0**lvl)
             proposals.append(torch.cat([centres, sizes], -1).view(mask.shape[0], -1, 4))
             start += h * w
         proposals = torch.cat(proposals, 1)

@@ -1,4 +1,5 @@
 """DETR (Carion et al. 2020): the baseline every fast-converging variant is measured against."""
+
 import math
 from typing import Tuple
 
@@ -27,13 +28,25 @@ class DETR(SetPredictionDetector):
         **kwargs: :class:`SetPredictionDetector` arguments.
     """
 
-    def __init__(self, *, encoder: nn.Module, decoder: nn.Module, position_embedding: nn.Module,
-                 num_queries: int = 100, hidden_dim: int = 256, in_feature: str = "res5",
-                 aux_loss: bool = True, class_score: str = "softmax", **kwargs):
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        position_embedding: nn.Module,
+        num_queries: int = 100,
+        hidden_dim: int = 256,
+        in_feature: str = "res5",
+        aux_loss: bool = True,
+        class_score: str = "softmax",
+        **kwargs,
+    ):
         super().__init__(class_score=class_score, **kwargs)
         self.in_feature = in_feature
         self.aux_loss = aux_loss
-        self.input_proj = nn.Conv2d(self.backbone.output_shape()[in_feature].channels, hidden_dim, 1)
+        self.input_proj = nn.Conv2d(
+            self.backbone.output_shape()[in_feature].channels, hidden_dim, 1
+        )
         self.position_embedding = position_embedding
         self.encoder = encoder
         self.decoder = decoder
@@ -61,6 +74,13 @@ class DETR(SetPredictionDetector):
     def compute_outputs(self, images, padding_mask):
         memory, pos, mask = self.encode(images, padding_mask)
         query_pos = self.query_positions(memory.shape[0])
-        hs = self.decoder(query_pos.new_zeros(query_pos.shape), memory, query_pos=query_pos, pos=pos,
-                          memory_key_padding_mask=mask)
-        return set_prediction_outputs(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
+        hs = self.decoder(
+            query_pos.new_zeros(query_pos.shape),
+            memory,
+            query_pos=query_pos,
+            pos=pos,
+            memory_key_padding_mask=mask,
+        )
+        return set_prediction_outputs(
+            self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss
+        )

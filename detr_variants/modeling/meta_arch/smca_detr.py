@@ -1,4 +1,5 @@
 """SMCA (Gao et al., ICCV 2021): DETR with spatially modulated co-attention, single- and multi-scale."""
+
 import math
 from typing import List, Sequence, Tuple
 
@@ -45,14 +46,18 @@ class SMCADETR(DETR):
     def _check_levels(self, num_levels: int) -> None:
         built = self.decoder.layers[0].num_levels
         if built != num_levels:
-            raise ValueError(f"the decoder layers are built for {built} feature levels; the model has {num_levels}")
+            raise ValueError(
+                f"the decoder layers are built for {built} feature levels; the model has {num_levels}"
+            )
 
     @property
     def strides(self) -> List[int]:
         """Stride of each feature level the decoder reads."""
         return [self.backbone.output_shape()[self.in_feature].stride]
 
-    def encode_levels(self, images, padding_mask) -> Tuple[Tensor, Tensor, Tensor, List[Tuple[int, int]]]:
+    def encode_levels(
+        self, images, padding_mask
+    ) -> Tuple[Tensor, Tensor, Tensor, List[Tuple[int, int]]]:
         """Encoder memory (B, S, C), its position encoding and padding mask, and each level's
         padded (h, w)."""
         memory, pos, mask = self.encode(images, padding_mask)
@@ -60,20 +65,35 @@ class SMCADETR(DETR):
         # detectron2's ResNet (and DC5) gives ceil(size / stride) cells for a padded size
         shape = tuple(math.ceil(s / stride) for s in images.tensor.shape[-2:])
         if shape[0] * shape[1] != memory.shape[1]:
-            raise ValueError(f"{memory.shape[1]} feature cells do not form a {shape} map for stride {stride}")
+            raise ValueError(
+                f"{memory.shape[1]} feature cells do not form a {shape} map for stride {stride}"
+            )
         return memory, pos, mask, [shape]
 
     def compute_outputs(self, images, padding_mask):
         memory, pos, mask, spatial_shapes = self.encode_levels(images, padding_mask)
         self._check_levels(len(spatial_shapes))
-        sizes = torch.tensor([[float(w), float(h)] for h, w in images.image_sizes], device=memory.device)
+        sizes = torch.tensor(
+            [[float(w), float(h)] for h, w in images.image_sizes], device=memory.device
+        )
         strides = torch.tensor(self.strides, dtype=torch.float32, device=memory.device)
-        level_sizes = sizes[:, None, :] / strides[None, :, None]  # (B, L, 2): unpadded (w, h) in cells
+        level_sizes = (
+            sizes[:, None, :] / strides[None, :, None]
+        )  # (B, L, 2): unpadded (w, h) in cells
         query_pos = self.query_positions(memory.shape[0])
-        hs, center_logits = self.decoder(query_pos.new_zeros(query_pos.shape), memory, query_pos, pos, level_sizes,
-                                         spatial_shapes, memory_key_padding_mask=mask)
+        hs, center_logits = self.decoder(
+            query_pos.new_zeros(query_pos.shape),
+            memory,
+            query_pos,
+            pos,
+            level_sizes,
+            spatial_shapes,
+            memory_key_padding_mask=mask,
+        )
         delta = self.bbox_embed(hs)
-        boxes = torch.cat([delta[..., :2] + center_logits.to(delta.dtype), delta[..., 2:]], dim=-1).sigmoid()
+        boxes = torch.cat(
+            [delta[..., :2] + center_logits.to(delta.dtype), delta[..., 2:]], dim=-1
+        ).sigmoid()
         return set_prediction_outputs(self.class_embed(hs), boxes, self.aux_loss)
 
 
@@ -98,8 +118,15 @@ class MultiScaleSMCADETR(SMCADETR):
         **kwargs: :class:`SMCADETR` / :class:`DETR` arguments.
     """
 
-    def __init__(self, *, in_features: Sequence[str] = ("res4", "res5"), num_feature_levels: int = 3,
-                 level_embed: bool = True, hidden_dim: int = 256, **kwargs):
+    def __init__(
+        self,
+        *,
+        in_features: Sequence[str] = ("res4", "res5"),
+        num_feature_levels: int = 3,
+        level_embed: bool = True,
+        hidden_dim: int = 256,
+        **kwargs,
+    ):
         in_features = list(in_features)
         if num_feature_levels < len(in_features):
             raise ValueError("num_feature_levels must be at least len(in_features)")
@@ -108,9 +135,13 @@ class MultiScaleSMCADETR(SMCADETR):
         self.num_feature_levels = num_feature_levels
         shapes = self.backbone.output_shape()
         last = shapes[in_features[-1]]
-        extra = [nn.Conv2d(last.channels if i == 0 else hidden_dim, hidden_dim, 3, stride=2, padding=1)
-                 for i in range(num_feature_levels - len(in_features))]
-        self.input_proj = nn.ModuleList([nn.Conv2d(shapes[f].channels, hidden_dim, 1) for f in in_features] + extra)
+        extra = [
+            nn.Conv2d(last.channels if i == 0 else hidden_dim, hidden_dim, 3, stride=2, padding=1)
+            for i in range(num_feature_levels - len(in_features))
+        ]
+        self.input_proj = nn.ModuleList(
+            [nn.Conv2d(shapes[f].channels, hidden_dim, 1) for f in in_features] + extra
+        )
         self._strides = [shapes[f].stride for f in in_features]
         self._strides += [last.stride * 2 ** (i + 1) for i in range(len(extra))]
         if level_embed:
@@ -124,14 +155,20 @@ class MultiScaleSMCADETR(SMCADETR):
     def strides(self) -> List[int]:
         return list(self._strides)
 
-    def multi_level_features(self, images, padding_mask) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    def multi_level_features(
+        self, images, padding_mask
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """Projected maps of every level, their padding masks and position encodings."""
         features, masks = self.backbone_features(images, padding_mask)
-        srcs, level_masks = project_levels(features, masks, padding_mask, self.input_proj, self.in_features)
+        srcs, level_masks = project_levels(
+            features, masks, padding_mask, self.input_proj, self.in_features
+        )
         pos = []
         for lvl, (m, s) in enumerate(zip(level_masks, srcs)):
             p = self.position_embedding(m).to(s.dtype)
-            pos.append(p if self.level_embed is None else p + self.level_embed[lvl].view(1, -1, 1, 1))
+            pos.append(
+                p if self.level_embed is None else p + self.level_embed[lvl].view(1, -1, 1, 1)
+            )
         return srcs, level_masks, pos
 
     def encode_levels(self, images, padding_mask):

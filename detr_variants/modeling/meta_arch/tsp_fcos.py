@@ -8,6 +8,7 @@ assignment (``FCOS._match_anchors``), the ltrb box transform and class-wise NMS.
 TSP-RCNN shares with it (FPN top block, random drop, event storage outside a trainer) are also
 defined here.
 """
+
 import contextlib
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -98,11 +99,23 @@ class FoIClassifier(FCOSHead):
     class logits (prior-probability bias) without the dense box and centerness outputs: TSP's
     FoI classifier. The towers' features are the transformer's input."""
 
-    def __init__(self, *, in_channels: int = 256, num_levels: int = 5, num_classes: int = 80,
-                 num_convs: int = 4, norm: str = "GN", prior_prob: float = 0.01):
-        super().__init__(input_shape=[ShapeSpec(channels=in_channels)] * num_levels,
-                         conv_dims=[in_channels] * num_convs, num_classes=num_classes, norm=norm,
-                         prior_prob=prior_prob)
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        num_levels: int = 5,
+        num_classes: int = 80,
+        num_convs: int = 4,
+        norm: str = "GN",
+        prior_prob: float = 0.01,
+    ):
+        super().__init__(
+            input_shape=[ShapeSpec(channels=in_channels)] * num_levels,
+            conv_dims=[in_channels] * num_convs,
+            num_classes=num_classes,
+            norm=norm,
+            prior_prob=prior_prob,
+        )
         del self.bbox_pred, self.ctrness  # predicted by the transformer instead
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
@@ -132,7 +145,9 @@ def ltrb_giou_loss(pred: Tensor, target: Tensor) -> Tensor:
 def centerness(ltrb: Tensor) -> Tensor:
     """FCOS centerness sqrt(min(l,r)/max(l,r) · min(t,b)/max(t,b)) of (..., 4) distances."""
     lr, tb = ltrb[..., [0, 2]], ltrb[..., [1, 3]]
-    return torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
+    return torch.sqrt(
+        (lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values)
+    )
 
 
 class TSPFCOSCriterion(nn.Module):
@@ -151,8 +166,16 @@ class TSPFCOSCriterion(nn.Module):
     Normalisers are averaged over distributed ranks, as released.
     """
 
-    def __init__(self, *, num_classes: int, matcher: nn.Module, weight_dict: Optional[Dict[str, float]] = None,
-                 eos_coef: float = 0.1, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Optional[Dict[str, float]] = None,
+        eos_coef: float = 0.1,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
         super().__init__()
         names = ("loss_fcos_local_cls", "loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr")
         self.weight_dict = {k: 1.0 for k in names} | dict(weight_dict or {})
@@ -168,12 +191,18 @@ class TSPFCOSCriterion(nn.Module):
     def forward(self, outputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``outputs`` of :meth:`TSPFCOS.compute_outputs` in training."""
         k = self.num_classes
-        labels, gt_index, reg_targets = outputs["fcos_labels"], outputs["fcos_gt_index"], outputs["fcos_reg_targets"]
+        labels, gt_index, reg_targets = (
+            outputs["fcos_labels"],
+            outputs["fcos_gt_index"],
+            outputs["fcos_reg_targets"],
+        )
         # FoI classifier: FCOS focal loss over every location
         local_logits = outputs["local_logits"]
         positive = labels != k
         onehot = F.one_hot(labels, k + 1)[..., :k].to(local_logits.dtype)
-        local_cls = sigmoid_focal_loss(local_logits, onehot, self.focal_alpha, self.focal_gamma).sum()
+        local_cls = sigmoid_focal_loss(
+            local_logits, onehot, self.focal_alpha, self.focal_gamma
+        ).sum()
         local_cls = local_cls / mean_over_ranks(positive.sum(), 1.0)
 
         # transformer outputs on the selected FoIs
@@ -181,7 +210,11 @@ class TSPFCOSCriterion(nn.Module):
         sel_labels = labels.gather(1, selected)
         sel_gt = gt_index.gather(1, selected)
         sel_reg = reg_targets.gather(1, selected[..., None].expand(-1, -1, 4))
-        logits, ltrb, ctr_logits = outputs["pred_logits"], outputs["pred_ltrb"], outputs["pred_ctrness"]
+        logits, ltrb, ctr_logits = (
+            outputs["pred_logits"],
+            outputs["pred_ltrb"],
+            outputs["pred_ctrness"],
+        )
         cand = (sel_labels != k) & valid  # FCOS positives among the selected FoIs
         num_cand = mean_over_ranks(cand.sum(), 1.0)
         cand_labels, cand_reg, cand_ltrb = sel_labels[cand], sel_reg[cand], ltrb[cand]
@@ -189,7 +222,9 @@ class TSPFCOSCriterion(nn.Module):
         giou_loss = ltrb_giou_loss(cand_ltrb, cand_reg)
 
         cand_prob = logits[cand].detach().sigmoid().gather(1, cand_labels[:, None]).squeeze(1)
-        matched, _ = self.matcher(-cand_prob * (ctr_targets + 1e-6), giou_loss.detach(), sel_gt[cand])
+        matched, _ = self.matcher(
+            -cand_prob * (ctr_targets + 1e-6), giou_loss.detach(), sel_gt[cand]
+        )
         num_matched = mean_over_ranks(logits.new_tensor(float(matched.numel())), 1.0)
         ctr_sum = mean_over_ranks(ctr_targets.sum(), 1e-6)  # on every rank, candidates or not
 
@@ -201,16 +236,25 @@ class TSPFCOSCriterion(nn.Module):
         unmatched = torch.ones_like(cand_labels, dtype=torch.bool)
         unmatched[matched] = False
         weights[cand_pos[unmatched], cand_labels[unmatched]] = self.eos_coef
-        cls = (sigmoid_focal_loss(flat_logits, targets, self.focal_alpha, self.focal_gamma) * weights).sum()
+        cls = (
+            sigmoid_focal_loss(flat_logits, targets, self.focal_alpha, self.focal_gamma) * weights
+        ).sum()
         cls = cls / (2 * (num_matched + self.eos_coef * num_cand))
 
         if cand_pos.numel():
             loc = (giou_loss * ctr_targets).sum() / ctr_sum
-            ctr = F.binary_cross_entropy_with_logits(ctr_logits[cand], ctr_targets, reduction="sum") / num_cand
+            ctr = (
+                F.binary_cross_entropy_with_logits(ctr_logits[cand], ctr_targets, reduction="sum")
+                / num_cand
+            )
         else:
             loc, ctr = ltrb.sum() * 0, ctr_logits.sum() * 0
-        losses = {"loss_fcos_local_cls": local_cls, "loss_fcos_cls": cls, "loss_fcos_loc": loc,
-                  "loss_fcos_ctr": ctr}
+        losses = {
+            "loss_fcos_local_cls": local_cls,
+            "loss_fcos_cls": cls,
+            "loss_fcos_loc": loc,
+            "loss_fcos_ctr": ctr,
+        }
         return {name: value * self.weight_dict[name] for name, value in losses.items()}
 
 
@@ -236,23 +280,42 @@ class TSPFCOS(SetPredictionDetector):
         **kwargs: :class:`SetPredictionDetector` arguments (``test_topk`` = detections kept).
     """
 
-    def __init__(self, *, backbone: nn.Module, foi_head: nn.Module, encoder: nn.Module, criterion: nn.Module,
-                 in_features: Sequence[str] = ("p3", "p4", "p5", "p6", "p7"), hidden_dim: int = 512,
-                 num_fois: int = 700, random_drop: float = 0.7, center_sampling_radius: float = 1.5,
-                 test_score_thresh: float = 0.0, test_topk_per_level: int = 1000,
-                 test_nms_thresh: Optional[float] = 0.6, size_divisibility: Optional[int] = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        foi_head: nn.Module,
+        encoder: nn.Module,
+        criterion: nn.Module,
+        in_features: Sequence[str] = ("p3", "p4", "p5", "p6", "p7"),
+        hidden_dim: int = 512,
+        num_fois: int = 700,
+        random_drop: float = 0.7,
+        center_sampling_radius: float = 1.5,
+        test_score_thresh: float = 0.0,
+        test_topk_per_level: int = 1000,
+        test_nms_thresh: Optional[float] = 0.6,
+        size_divisibility: Optional[int] = None,
+        **kwargs,
+    ):
         if size_divisibility is None:
             size_divisibility = backbone.size_divisibility
-        super().__init__(backbone=backbone, criterion=criterion, class_score="sigmoid",
-                         size_divisibility=size_divisibility, **kwargs)
+        super().__init__(
+            backbone=backbone,
+            criterion=criterion,
+            class_score="sigmoid",
+            size_divisibility=size_divisibility,
+            **kwargs,
+        )
         shapes = backbone.output_shape()
         self.in_features = list(in_features)
         self.strides = [shapes[f].stride for f in self.in_features]
         channels = shapes[self.in_features[0]].channels
         self.foi_head = foi_head
         # FCOS locations as stride-sized boxes centred at (i + 0.5)·stride (the released locations)
-        self.anchor_generator = DefaultAnchorGenerator(sizes=[[s] for s in self.strides], aspect_ratios=[1.0],
-                                                       strides=self.strides, offset=0.5)
+        self.anchor_generator = DefaultAnchorGenerator(
+            sizes=[[s] for s in self.strides], aspect_ratios=[1.0], strides=self.strides, offset=0.5
+        )
         self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=True)
         self.center_sampling_radius = center_sampling_radius  # read by FCOS._match_anchors
         self.input_proj = nn.Linear(2 * channels, hidden_dim)
@@ -286,8 +349,12 @@ class TSPFCOS(SetPredictionDetector):
         return self.postprocess(results, batched_inputs)
 
     # ---------------------------------------------------------------- FoIs and the transformer
-    def compute_outputs(self, images: ImageList, padding_mask: Tensor,
-                        gt_instances: Optional[List[Instances]] = None) -> Dict[str, Tensor]:
+    def compute_outputs(
+        self,
+        images: ImageList,
+        padding_mask: Tensor,
+        gt_instances: Optional[List[Instances]] = None,
+    ) -> Dict[str, Tensor]:
         """Selected FoIs and the transformer's predictions for them.
 
         Returns ``pred_logits`` (B, k, K), ``pred_boxes`` (B, k, 4) absolute xyxy in the padded
@@ -305,11 +372,19 @@ class TSPFCOS(SetPredictionDetector):
 
         b = images.tensor.shape[0]
         local_logits = _flatten_levels(logits)  # (B, R, K)
-        tokens = torch.cat([_flatten_levels(cls_feats), _flatten_levels(box_feats)], dim=-1)  # (B, R, 2C)
-        pos = _flatten_levels([self.position_embedding(m).to(tokens.dtype) for m in masks])  # (B, R, d)
+        tokens = torch.cat(
+            [_flatten_levels(cls_feats), _flatten_levels(box_feats)], dim=-1
+        )  # (B, R, 2C)
+        pos = _flatten_levels(
+            [self.position_embedding(m).to(tokens.dtype) for m in masks]
+        )  # (B, R, d)
         valid = ~torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, R)
-        levels = torch.cat([torch.full((len(a),), i, dtype=torch.long, device=self.device)
-                            for i, a in enumerate(anchors)])
+        levels = torch.cat(
+            [
+                torch.full((len(a),), i, dtype=torch.long, device=self.device)
+                for i, a in enumerate(anchors)
+            ]
+        )
         anchor_boxes = Boxes.cat(anchors).tensor  # (R, 4)
 
         outputs: Dict[str, Tensor] = {"local_logits": local_logits}
@@ -320,7 +395,9 @@ class TSPFCOS(SetPredictionDetector):
                 if gt_instances is None:
                     raise ValueError("TSPFCOS.compute_outputs needs gt_instances in training mode")
                 labels, gt_index, reg_targets = self.fcos_targets(anchors, gt_instances)
-                outputs.update(fcos_labels=labels, fcos_gt_index=gt_index, fcos_reg_targets=reg_targets)
+                outputs.update(
+                    fcos_labels=labels, fcos_gt_index=gt_index, fcos_reg_targets=reg_targets
+                )
                 positive = labels != self.num_classes
             selected = self.select_fois(scores, valid, positive)
         sel_levels = levels[selected]
@@ -329,15 +406,24 @@ class TSPFCOS(SetPredictionDetector):
         pos = _gather_rows(pos, selected) + self.level_embed[sel_levels]
         memory = self.encoder(src, pos=pos, key_padding_mask=unmask_empty_rows(~sel_valid))
         ltrb = F.relu(self.bbox_embed(memory)) * self.scales[sel_levels][..., None]
-        boxes = self.box2box_transform.apply_deltas(ltrb.reshape(-1, 4).float(),
-                                                    anchor_boxes[selected.flatten()]).view(b, -1, 4)
-        outputs.update(pred_logits=self.class_embed(memory), pred_boxes=boxes, pred_ltrb=ltrb,
-                       pred_ctrness=self.ctrness(memory).squeeze(-1), levels=sel_levels, valid=sel_valid,
-                       selected=selected)
+        boxes = self.box2box_transform.apply_deltas(
+            ltrb.reshape(-1, 4).float(), anchor_boxes[selected.flatten()]
+        ).view(b, -1, 4)
+        outputs.update(
+            pred_logits=self.class_embed(memory),
+            pred_boxes=boxes,
+            pred_ltrb=ltrb,
+            pred_ctrness=self.ctrness(memory).squeeze(-1),
+            levels=sel_levels,
+            valid=sel_valid,
+            selected=selected,
+        )
         return outputs
 
     @torch.no_grad()
-    def select_fois(self, scores: Tensor, valid: Tensor, positive: Optional[Tensor] = None) -> Tensor:
+    def select_fois(
+        self, scores: Tensor, valid: Tensor, positive: Optional[Tensor] = None
+    ) -> Tensor:
         """Flat indices (B, k) of the FoIs fed to the transformer.
 
         The top ``num_fois`` objectness scores (max class probability) per image. In training,
@@ -354,12 +440,16 @@ class TSPFCOS(SetPredictionDetector):
         k = min(self.num_fois, scores.shape[1])
         selected = scores.topk(k, dim=1).indices
         if self.training and self.random_drop < 1.0:
-            keep = torch.randperm(k, device=selected.device)[:random_keep_count(k, self.random_drop)]
+            keep = torch.randperm(k, device=selected.device)[
+                : random_keep_count(k, self.random_drop)
+            ]
             selected = selected[:, keep]
         return selected
 
     @torch.no_grad()
-    def fcos_targets(self, anchors: List[Boxes], gt_instances: List[Instances]) -> Tuple[Tensor, Tensor, Tensor]:
+    def fcos_targets(
+        self, anchors: List[Boxes], gt_instances: List[Instances]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """detectron2's FCOS assignment (centre sampling, size ranges [0,64], [64,128], ...,
         ties to the smallest GT): per image and location, the class (``num_classes`` =
         background), the GT index unique over the batch (-1: none) and the ltrb targets in
@@ -369,7 +459,9 @@ class TSPFCOS(SetPredictionDetector):
         for inst in gt_instances:
             r = len(anchor_boxes)
             if len(inst) == 0:
-                labels.append(torch.full((r,), self.num_classes, dtype=torch.long, device=self.device))
+                labels.append(
+                    torch.full((r,), self.num_classes, dtype=torch.long, device=self.device)
+                )
                 gt_index.append(torch.full((r,), -1, dtype=torch.long, device=self.device))
                 reg_targets.append(anchor_boxes.new_zeros(r, 4))
                 continue
@@ -379,18 +471,23 @@ class TSPFCOS(SetPredictionDetector):
             matched = best > 1e-5
             labels.append(torch.where(matched, inst.gt_classes[index], self.num_classes))
             gt_index.append(torch.where(matched, index + offset, -1))
-            reg_targets.append(self.box2box_transform.get_deltas(anchor_boxes, inst.gt_boxes.tensor[index]))
+            reg_targets.append(
+                self.box2box_transform.get_deltas(anchor_boxes, inst.gt_boxes.tensor[index])
+            )
             offset += len(inst)
         return torch.stack(labels), torch.stack(gt_index), torch.stack(reg_targets)
 
     # ---------------------------------------------------------------- inference
-    def detect(self, outputs: Dict[str, Tensor], image_sizes: List[Tuple[int, int]]) -> List[Instances]:
+    def detect(
+        self, outputs: Dict[str, Tensor], image_sizes: List[Tuple[int, int]]
+    ) -> List[Instances]:
         """As released: per level the top ``test_topk_per_level`` (FoI, class) pairs above
         ``test_score_thresh``, score √p (no centerness), class-wise NMS, top ``test_topk``."""
         probs = outputs["pred_logits"].sigmoid()
         results = []
-        for prob, boxes, levels, valid, size in zip(probs, outputs["pred_boxes"], outputs["levels"],
-                                                    outputs["valid"], image_sizes):
+        for prob, boxes, levels, valid, size in zip(
+            probs, outputs["pred_boxes"], outputs["levels"], outputs["valid"], image_sizes
+        ):
             keep_scores, keep_boxes, keep_classes = [], [], []
             for level in range(len(self.in_features)):
                 idx = torch.nonzero((levels == level) & valid).squeeze(1)
@@ -401,7 +498,11 @@ class TSPFCOS(SetPredictionDetector):
                 keep_scores.append(p[flat].sqrt())
                 keep_boxes.append(boxes[idx[flat // prob.shape[1]]])
                 keep_classes.append(flat % prob.shape[1])
-            scores, boxes, classes = torch.cat(keep_scores), torch.cat(keep_boxes), torch.cat(keep_classes)
+            scores, boxes, classes = (
+                torch.cat(keep_scores),
+                torch.cat(keep_boxes),
+                torch.cat(keep_classes),
+            )
             if self.test_nms_thresh is not None:
                 keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[: self.test_topk]
             else:

@@ -6,6 +6,7 @@ detectron2 pieces: :class:`TSPRCNN` is a ``GeneralizedRCNN`` and :class:`Transfo
 a registered ``ROIHeads``, so detectron2's ``FPN``, ``RPN``, ``ROIPooler`` (ROIAlignV2),
 ``Box2BoxTransform``, ``Matcher``, sampling and ``fast_rcnn_inference`` are used unchanged.
 """
+
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +16,9 @@ from detectron2.layers import ShapeSpec, cat, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch import GeneralizedRCNN
-from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals_single_image
+from detectron2.modeling.proposal_generator.proposal_utils import (
+    add_ground_truth_to_proposals_single_image,
+)
 from detectron2.modeling.roi_heads import ROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
@@ -35,16 +38,30 @@ class TSPRPNHead(nn.Module):
     ``num_convs`` Conv3x3 + per-level norm + ReLU, then 1x1 objectness and delta convs (normal
     std 0.01). A drop-in for detectron2's ``StandardRPNHead`` inside ``RPN``."""
 
-    def __init__(self, *, in_channels: int = 256, num_anchors: int = 9, box_dim: int = 4, num_convs: int = 2,
-                 num_levels: int = 5, norm: str = "SyncBN"):
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        num_anchors: int = 9,
+        box_dim: int = 4,
+        num_convs: int = 2,
+        num_levels: int = 5,
+        norm: str = "SyncBN",
+    ):
         super().__init__()
 
         def convs():
-            return nn.ModuleList(nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(num_convs))
+            return nn.ModuleList(
+                nn.Conv2d(in_channels, in_channels, 3, padding=1) for _ in range(num_convs)
+            )
 
         def norms():  # one set per pyramid level
-            return nn.ModuleList(nn.ModuleList(get_norm(norm, in_channels) or nn.Identity() for _ in range(num_convs))
-                                 for _ in range(num_levels))
+            return nn.ModuleList(
+                nn.ModuleList(
+                    get_norm(norm, in_channels) or nn.Identity() for _ in range(num_convs)
+                )
+                for _ in range(num_levels)
+            )
 
         self.obj_convs, self.anchor_convs = convs(), convs()
         self.obj_norms, self.anchor_norms = norms(), norms()
@@ -56,7 +73,9 @@ class TSPRPNHead(nn.Module):
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         if len(features) != len(self.obj_norms):
-            raise ValueError(f"TSPRPNHead has norms for {len(self.obj_norms)} levels, got {len(features)}")
+            raise ValueError(
+                f"TSPRPNHead has norms for {len(self.obj_norms)} levels, got {len(features)}"
+            )
         logits, deltas = [], []
         for x, obj_norms, anchor_norms in zip(features, self.obj_norms, self.anchor_norms):
             t_obj, t_anchor = x, x
@@ -69,13 +88,17 @@ class TSPRPNHead(nn.Module):
         return logits, deltas
 
 
-def roi_position_encoding(boxes: Tensor, image_size: Tuple[int, int], num_pos_feats: int = 64) -> Tensor:
+def roi_position_encoding(
+    boxes: Tensor, image_size: Tuple[int, int], num_pos_feats: int = 64
+) -> Tensor:
     """TSP-RCNN's RoI positional encoding: the box normalised by the image size as the 8 values
     [cx, cy, w, h, x1, y1, x2, y2], each × 2π with ``num_pos_feats`` interleaved sin/cos
     frequencies (T = 10000), concatenated in that order → (N, 8 · num_pos_feats)."""
     h, w = image_size
     xyxy = boxes.float() / boxes.new_tensor([w, h, w, h], dtype=torch.float32)
-    return sine_embed_coordinates(torch.cat([box_xyxy_to_cxcywh(xyxy), xyxy], dim=-1), num_pos_feats)
+    return sine_embed_coordinates(
+        torch.cat([box_xyxy_to_cxcywh(xyxy), xyxy], dim=-1), num_pos_feats
+    )
 
 
 def pad_per_image(x: Tensor, counts: Sequence[int]) -> Tuple[Tensor, Tensor]:
@@ -105,13 +128,20 @@ class TSPBoxHead(nn.Module):
         encoder: :class:`TransformerEncoder` of width ``hidden_dim``.
     """
 
-    def __init__(self, *, encoder: nn.Module, in_channels: int = 256, pooler_resolution: int = 7,
-                 hidden_dim: int = 512, use_position_encoding: bool = True):
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module,
+        in_channels: int = 256,
+        pooler_resolution: int = 7,
+        hidden_dim: int = 512,
+        use_position_encoding: bool = True,
+    ):
         super().__init__()
         if hidden_dim % 8:
             raise ValueError(f"hidden_dim must be a multiple of 8 (8 box values), got {hidden_dim}")
         self.hidden_dim = hidden_dim
-        self.input_proj = nn.Linear(in_channels * pooler_resolution ** 2, hidden_dim)
+        self.input_proj = nn.Linear(in_channels * pooler_resolution**2, hidden_dim)
         self.pos_proj = nn.Linear(hidden_dim, hidden_dim) if use_position_encoding else None
         self.input_norm = nn.LayerNorm(hidden_dim)
         self.encoder = encoder
@@ -121,14 +151,22 @@ class TSPBoxHead(nn.Module):
     def output_shape(self) -> ShapeSpec:
         return ShapeSpec(channels=self.hidden_dim)
 
-    def forward(self, pooled: Tensor, proposals: List[Instances], prev: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, pooled: Tensor, proposals: List[Instances], prev: Optional[Tensor] = None
+    ) -> Tensor:
         """pooled: (R, C, S, S) for the proposals of all images in order; ``prev``: (R, d) of the
         previous cascade stage (averaged in as (x + prev)/√2). Returns (R, d)."""
         x = self.input_proj(pooled.flatten(1))
         pos = None
         if self.pos_proj is not None:
-            pos = cat([roi_position_encoding(p.proposal_boxes.tensor, p.image_size, self.hidden_dim // 8)
-                       for p in proposals]).to(x.dtype)
+            pos = cat(
+                [
+                    roi_position_encoding(
+                        p.proposal_boxes.tensor, p.image_size, self.hidden_dim // 8
+                    )
+                    for p in proposals
+                ]
+            ).to(x.dtype)
             x = x + self.pos_proj(pos)
         x = self.input_norm(x)
         if prev is not None:
@@ -162,8 +200,17 @@ class TSPFastRCNNOutputLayers(FastRCNNOutputLayers):
             ``cls_agnostic_bbox_reg``, ``test_*``, ``loss_weight``).
     """
 
-    def __init__(self, *, hidden_dim: int = 512, matcher: nn.Module, eos_coef: float = 0.1, focal_gamma: float = 2.0,
-                 l1_weight: float = 1.0, giou_weight: float = 2.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        hidden_dim: int = 512,
+        matcher: nn.Module,
+        eos_coef: float = 0.1,
+        focal_gamma: float = 2.0,
+        l1_weight: float = 1.0,
+        giou_weight: float = 2.0,
+        **kwargs,
+    ):
         super().__init__(ShapeSpec(channels=hidden_dim), **kwargs)
         out = self.bbox_pred.out_features
         self.bbox_pred = MLP(hidden_dim, hidden_dim, out, 3)
@@ -175,25 +222,32 @@ class TSPFastRCNNOutputLayers(FastRCNNOutputLayers):
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
 
-    def losses(self, predictions: Tuple[Tensor, Tensor], proposals: List[Instances]) -> Dict[str, Tensor]:
+    def losses(
+        self, predictions: Tuple[Tensor, Tensor], proposals: List[Instances]
+    ) -> Dict[str, Tensor]:
         scores, deltas = predictions
         k = self.num_classes
         proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals])
         gt_boxes = cat([p.gt_boxes.tensor for p in proposals])
         gt_classes = cat([p.gt_classes for p in proposals])
         stride = max((int(p.gt_idxs.max()) + 1 for p in proposals if len(p)), default=1)
-        gt_index = cat([p.gt_idxs + i * stride for i, p in enumerate(proposals)])  # unique over the batch
+        gt_index = cat(
+            [p.gt_idxs + i * stride for i, p in enumerate(proposals)]
+        )  # unique over the batch
         fg = (gt_classes >= 0) & (gt_classes < k)
         if deltas.shape[1] == 4:  # class-agnostic
             pred_deltas = deltas
         else:  # the deltas of the GT class (of class K-1 for background RoIs, unused)
-            pred_deltas = deltas.view(len(deltas), k, 4)[torch.arange(len(deltas), device=deltas.device),
-                                                          gt_classes.clamp(0, k - 1)]
+            pred_deltas = deltas.view(len(deltas), k, 4)[
+                torch.arange(len(deltas), device=deltas.device), gt_classes.clamp(0, k - 1)
+            ]
         pred_boxes = self.box2box_transform.apply_deltas(pred_deltas, proposal_boxes)
 
         with torch.no_grad():
             prob = scores.softmax(-1)
-            class_cost = -prob[torch.arange(len(prob), device=prob.device), gt_classes.clamp(0, k)][fg]
+            class_cost = -prob[torch.arange(len(prob), device=prob.device), gt_classes.clamp(0, k)][
+                fg
+            ]
             giou_cost = giou_loss(pred_boxes[fg], gt_boxes[fg], reduction="none")
             fg_pos = torch.nonzero(fg).squeeze(1)
             matched = fg_pos[self.matcher(class_cost, giou_cost, gt_index[fg])[0]]
@@ -214,7 +268,9 @@ class TSPFastRCNNOutputLayers(FastRCNNOutputLayers):
         if fg.any():
             target_deltas = self.box2box_transform.get_deltas(proposal_boxes[fg], gt_boxes[fg])
             l1 = (pred_deltas[fg] - target_deltas).abs().sum()
-            loss_box = self.l1_weight * l1 + self.giou_weight * giou_loss(pred_boxes[fg], gt_boxes[fg], reduction="sum")
+            loss_box = self.l1_weight * l1 + self.giou_weight * giou_loss(
+                pred_boxes[fg], gt_boxes[fg], reduction="sum"
+            )
             loss_box = loss_box / max(len(gt_classes), 1)
         else:
             loss_box = deltas.sum() * 0.0
@@ -253,8 +309,16 @@ class TransformerROIHeads(ROIHeads):
             ``positive_fraction``, ``proposal_matcher``, ``proposal_append_gt``).
     """
 
-    def __init__(self, *, box_in_features: Sequence[str], box_pooler: nn.Module, box_head: nn.Module,
-                 box_predictor: nn.Module, random_drop: float = 0.7, **kwargs):
+    def __init__(
+        self,
+        *,
+        box_in_features: Sequence[str],
+        box_pooler: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        random_drop: float = 0.7,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.box_in_features = list(box_in_features)
         self.box_pooler = box_pooler
@@ -269,8 +333,13 @@ class TransformerROIHeads(ROIHeads):
     def stage_modules(self, stage: int) -> Tuple[nn.Module, nn.Module]:
         return self.box_head, self.box_predictor
 
-    def forward(self, images: ImageList, features: Dict[str, Tensor], proposals: List[Instances],
-                targets: Optional[List[Instances]] = None):
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ):
         del images
         if self.training:
             proposals = self.label_and_sample_proposals(proposals, targets)
@@ -284,42 +353,70 @@ class TransformerROIHeads(ROIHeads):
         predictions, proposals = self.run_stages(features, proposals)[-1]
         return self.stage_modules(self.num_stages - 1)[1].inference(predictions, proposals)[0], {}
 
-    def run_stage(self, features: Dict[str, Tensor], proposals: List[Instances], stage: int,
-                  prev: Optional[Tensor] = None):
+    def run_stage(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Instances],
+        stage: int,
+        prev: Optional[Tensor] = None,
+    ):
         """Pool, transformer box head, predictor. Returns (head output (R, d), predictions)."""
         head, predictor = self.stage_modules(stage)
-        pooled = self.box_pooler([features[f] for f in self.box_in_features], [p.proposal_boxes for p in proposals])
+        pooled = self.box_pooler(
+            [features[f] for f in self.box_in_features], [p.proposal_boxes for p in proposals]
+        )
         x = head(_scale_gradient(pooled, 1.0 / self.num_stages), proposals, prev)
         return x, predictor(x)
 
-    def run_stages(self, features, proposals, targets=None) -> List[Tuple[Tuple[Tensor, Tensor], List[Instances]]]:
+    def run_stages(
+        self, features, proposals, targets=None
+    ) -> List[Tuple[Tuple[Tensor, Tensor], List[Instances]]]:
         """(predictions, proposals) of every stage."""
         return [(self.run_stage(features, proposals, 0)[1], proposals)]
 
-    def box_outputs(self, features: Dict[str, Tensor], proposals: List[Instances]) -> Dict[str, Tensor]:
+    def box_outputs(
+        self, features: Dict[str, Tensor], proposals: List[Instances]
+    ) -> Dict[str, Tensor]:
         """Raw outputs of the last stage padded per image: ``pred_logits`` (B, N, K+1),
         ``pred_boxes`` (B, N, K·4 or 4) absolute xyxy, ``valid`` (B, N)."""
         predictions, proposals = self.run_stages(features, proposals)[-1]
         predictor = self.stage_modules(self.num_stages - 1)[1]
         counts = [len(p) for p in proposals]
         logits, valid = pad_per_image(predictions[0], counts)
-        boxes = cat(predictor.predict_boxes(predictions, proposals)) if sum(counts) else predictions[1]
-        return {"pred_logits": logits, "pred_boxes": pad_per_image(boxes, counts)[0], "valid": ~valid}
+        boxes = (
+            cat(predictor.predict_boxes(predictions, proposals)) if sum(counts) else predictions[1]
+        )
+        return {
+            "pred_logits": logits,
+            "pred_boxes": pad_per_image(boxes, counts)[0],
+            "valid": ~valid,
+        }
 
     @torch.no_grad()
-    def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
+    def label_and_sample_proposals(
+        self, proposals: List[Instances], targets: List[Instances]
+    ) -> List[Instances]:
         """Adds ``gt_classes``, ``gt_boxes`` and ``gt_idxs`` (index of the matched GT) to the
         sampled proposals."""
         sampled_proposals, num_fg, num_bg = [], [], []
         for props, tgt in zip(proposals, targets):
-            matched_idxs, matched_labels = self.proposal_matcher(pairwise_iou(tgt.gt_boxes, props.proposal_boxes))
+            matched_idxs, matched_labels = self.proposal_matcher(
+                pairwise_iou(tgt.gt_boxes, props.proposal_boxes)
+            )
             if self.proposal_append_gt and len(tgt) and not (matched_labels == 1).any():
-                props = add_ground_truth_to_proposals_single_image(Boxes(jitter_boxes(tgt.gt_boxes.tensor)), props)
-                matched_idxs, matched_labels = self.proposal_matcher(pairwise_iou(tgt.gt_boxes, props.proposal_boxes))
-            sampled, gt_classes = self._sample_proposals(matched_idxs, matched_labels, tgt.gt_classes)
+                props = add_ground_truth_to_proposals_single_image(
+                    Boxes(jitter_boxes(tgt.gt_boxes.tensor)), props
+                )
+                matched_idxs, matched_labels = self.proposal_matcher(
+                    pairwise_iou(tgt.gt_boxes, props.proposal_boxes)
+                )
+            sampled, gt_classes = self._sample_proposals(
+                matched_idxs, matched_labels, tgt.gt_classes
+            )
             if self.random_drop < 1.0:
                 keep = torch.randperm(len(sampled), device=sampled.device)[
-                    :random_keep_count(len(sampled), self.random_drop)]
+                    : random_keep_count(len(sampled), self.random_drop)
+                ]
                 sampled, gt_classes = sampled[keep], gt_classes[keep]
             props = props[sampled]
             props.gt_classes = gt_classes
@@ -352,14 +449,26 @@ class CascadeTransformerROIHeads(TransformerROIHeads):
             labels the RPN proposals).
     """
 
-    def __init__(self, *, box_heads: Sequence[nn.Module], box_predictors: Sequence[nn.Module],
-                 proposal_matchers: Sequence[Matcher], **kwargs):
+    def __init__(
+        self,
+        *,
+        box_heads: Sequence[nn.Module],
+        box_predictors: Sequence[nn.Module],
+        proposal_matchers: Sequence[Matcher],
+        **kwargs,
+    ):
         if not len(box_heads) == len(box_predictors) == len(proposal_matchers):
             raise ValueError("need one box head, predictor and matcher per stage")
         if any(p.bbox_pred.layers[-1].out_features != 4 for p in box_predictors):
-            raise ValueError("the cascade needs class-agnostic box regression (cls_agnostic_bbox_reg=True)")
-        super().__init__(box_head=nn.ModuleList(box_heads), box_predictor=nn.ModuleList(box_predictors),
-                         proposal_matcher=proposal_matchers[0], **kwargs)
+            raise ValueError(
+                "the cascade needs class-agnostic box regression (cls_agnostic_bbox_reg=True)"
+            )
+        super().__init__(
+            box_head=nn.ModuleList(box_heads),
+            box_predictor=nn.ModuleList(box_predictors),
+            proposal_matcher=proposal_matchers[0],
+            **kwargs,
+        )
         self.proposal_matchers = list(proposal_matchers)
 
     @property
@@ -374,8 +483,10 @@ class CascadeTransformerROIHeads(TransformerROIHeads):
         for k in range(self.num_stages):
             if k > 0:
                 boxes = self.stage_modules(k - 1)[1].predict_boxes(outputs[-1][0], proposals)
-                proposals = [Instances(p.image_size, proposal_boxes=self._clipped(b, p.image_size))
-                             for b, p in zip(boxes, proposals)]
+                proposals = [
+                    Instances(p.image_size, proposal_boxes=self._clipped(b, p.image_size))
+                    for b, p in zip(boxes, proposals)
+                ]
                 if self.training:
                     proposals = self._relabel(proposals, targets, self.proposal_matchers[k])
             prev, predictions = self.run_stage(features, proposals, k, prev)
@@ -389,11 +500,15 @@ class CascadeTransformerROIHeads(TransformerROIHeads):
         return boxes
 
     @torch.no_grad()
-    def _relabel(self, proposals: List[Instances], targets: List[Instances], matcher: Matcher) -> List[Instances]:
+    def _relabel(
+        self, proposals: List[Instances], targets: List[Instances], matcher: Matcher
+    ) -> List[Instances]:
         for props, tgt in zip(proposals, targets):
             matched_idxs, labels = matcher(pairwise_iou(tgt.gt_boxes, props.proposal_boxes))
             if len(tgt):
-                props.gt_classes = torch.where(labels == 1, tgt.gt_classes[matched_idxs], self.num_classes)
+                props.gt_classes = torch.where(
+                    labels == 1, tgt.gt_classes[matched_idxs], self.num_classes
+                )
                 props.gt_boxes = tgt.gt_boxes[matched_idxs]
             else:
                 props.gt_classes = torch.full_like(matched_idxs, self.num_classes)
@@ -417,7 +532,9 @@ class TSPRCNN(GeneralizedRCNN):
         with event_storage():
             return super().forward(batched_inputs)
 
-    def compute_outputs(self, images: ImageList, padding_mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    def compute_outputs(
+        self, images: ImageList, padding_mask: Optional[Tensor] = None
+    ) -> Dict[str, Tensor]:
         """Inference-mode raw outputs for normalised, padded ``images`` (see
         :meth:`TransformerROIHeads.box_outputs`); ``padding_mask`` is unused (the image sizes
         say it)."""

@@ -5,8 +5,12 @@
 from detectron2.config import LazyCall as L
 
 from detr_variants.layers import PositionEmbeddingSine
-from detr_variants.layers.deformable_transformer import (DeformableDecoder, DeformableDecoderLayer,
-                                                         DeformableEncoder, DeformableEncoderLayer)
+from detr_variants.layers.deformable_transformer import (
+    DeformableDecoder,
+    DeformableDecoderLayer,
+    DeformableEncoder,
+    DeformableEncoderLayer,
+)
 from detr_variants.modeling import DeformableDETR, make_resnet
 
 from ....configs.common.criterion import focal_criterion as _focal_criterion
@@ -16,17 +20,31 @@ from ....configs.common.schedule import step_schedule
 from ....configs.common.train import train
 
 model = L(DeformableDETR)(
-    backbone=L(make_resnet)(depth=50, out_features=["res3", "res4", "res5"], norm="FrozenBN", freeze_at=2),
+    backbone=L(make_resnet)(
+        depth=50, out_features=["res3", "res4", "res5"], norm="FrozenBN", freeze_at=2
+    ),
     in_features=["res3", "res4", "res5"],
     num_feature_levels=4,
     encoder=L(DeformableEncoder)(
-        layer=L(DeformableEncoderLayer)(d_model=256, dim_feedforward=1024, dropout=0.1,
-                                        num_levels="${...num_feature_levels}", num_heads=8, num_points=4),
+        layer=L(DeformableEncoderLayer)(
+            d_model=256,
+            dim_feedforward=1024,
+            dropout=0.1,
+            num_levels="${...num_feature_levels}",
+            num_heads=8,
+            num_points=4,
+        ),
         num_layers=6,
     ),
     decoder=L(DeformableDecoder)(
-        layer=L(DeformableDecoderLayer)(d_model=256, dim_feedforward=1024, dropout=0.1,
-                                        num_levels="${...num_feature_levels}", num_heads=8, num_points=4),
+        layer=L(DeformableDecoderLayer)(
+            d_model=256,
+            dim_feedforward=1024,
+            dropout=0.1,
+            num_levels="${...num_feature_levels}",
+            num_heads=8,
+            num_points=4,
+        ),
         num_layers=6,
     ),
     position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128, normalize=True, offset=-0.5),
@@ -43,7 +61,11 @@ model = L(DeformableDETR)(
 )
 
 optimizer.lr = 2e-4
-optimizer.params.lr_multipliers = {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
+optimizer.params.lr_multipliers = {
+    "backbone": 0.1,
+    "sampling_offsets": 0.1,
+    "reference_points": 0.1,
+}
 lr_multiplier = step_schedule(total_epochs=50, drop_epochs=[40])
 
 dataloader.train.total_batch_size = 32

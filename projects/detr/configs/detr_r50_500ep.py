@@ -4,8 +4,13 @@
 from detectron2.config import LazyCall as L
 from torch import nn
 
-from detr_variants.layers import (PositionEmbeddingSine, TransformerDecoder, TransformerDecoderLayer,
-                                  TransformerEncoder, TransformerEncoderLayer)
+from detr_variants.layers import (
+    PositionEmbeddingSine,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 from detr_variants.modeling import DETR, HungarianMatcher, SetCriterion, make_resnet
 
 from ....configs.common.data.coco_detr import dataloader
@@ -30,7 +35,9 @@ model = L(DETR)(
     num_classes=80,
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",
-        matcher=L(HungarianMatcher)(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="softmax"),
+        matcher=L(HungarianMatcher)(
+            cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="softmax"
+        ),
         weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
         class_loss="ce",
         eos_coef=0.1,

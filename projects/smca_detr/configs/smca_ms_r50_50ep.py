@@ -26,7 +26,10 @@ model = L(MultiScaleSMCADETR)(
     ),
     decoder=L(SMCADecoder)(
         layer=L(SMCADecoderLayer)(
-            d_model=256, nhead=8, dim_feedforward=1024, dropout=0.1,
+            d_model=256,
+            nhead=8,
+            dim_feedforward=1024,
+            dropout=0.1,
             num_levels="${...num_feature_levels}",
             scale_type="independent",
             multi_head_modulation=True,

@@ -21,7 +21,10 @@ model = L(SMCADETR)(
     encoder=_detr.encoder,
     decoder=L(SMCADecoder)(
         layer=L(SMCADecoderLayer)(
-            d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1,
+            d_model=256,
+            nhead=8,
+            dim_feedforward=2048,
+            dropout=0.1,
             scale_type="independent",  # Table 2: "fixed" | "single" | "independent"
             multi_head_modulation=True,  # Table 2: False = head-shared modulation
             beta=8.0,

@@ -8,8 +8,12 @@ from ....projects.detr.configs.detr_r18_synthetic import dataloader, lr_multipli
 from ....projects.detr.configs.detr_r18_synthetic import model as _detr
 from .tsp_fcos_r50_36ep import model, optimizer
 
-model.backbone.bottom_up.update(depth=_detr.backbone.depth, norm=_detr.backbone.norm,
-                                freeze_at=_detr.backbone.freeze_at, stride_in_1x1=False)
+model.backbone.bottom_up.update(
+    depth=_detr.backbone.depth,
+    norm=_detr.backbone.norm,
+    freeze_at=_detr.backbone.freeze_at,
+    stride_in_1x1=False,
+)
 model.backbone.out_channels = 128
 model.backbone.top_block.norm = "BN"
 model.hidden_dim = _detr.hidden_dim
@@ -17,7 +21,9 @@ model.encoder.num_layers = _detr.encoder.num_layers
 model.encoder.layer.dim_feedforward = _detr.encoder.layer.dim_feedforward
 model.num_fois = 300
 model.num_classes = _detr.num_classes
-model.update(pixel_mean=_detr.pixel_mean, pixel_std=_detr.pixel_std, input_format=_detr.input_format)
+model.update(
+    pixel_mean=_detr.pixel_mean, pixel_std=_detr.pixel_std, input_format=_detr.input_format
+)
 
 train.clip_grad = dict(enabled=True, max_norm=0.01, params="encoder.")
 train.output_dir = "./output/tsp_fcos_r18_synthetic"

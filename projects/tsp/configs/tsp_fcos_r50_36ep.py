@@ -24,19 +24,35 @@ from ....configs.common.train import train
 
 model = L(TSPFCOS)(
     backbone=L(FPN)(
-        bottom_up=L(make_resnet)(depth=50, out_features=["res3", "res4", "res5"], norm="FrozenBN", freeze_at=2,
-                                 stride_in_1x1=True),
+        bottom_up=L(make_resnet)(
+            depth=50,
+            out_features=["res3", "res4", "res5"],
+            norm="FrozenBN",
+            freeze_at=2,
+            stride_in_1x1=True,
+        ),
         in_features="${.bottom_up.out_features}",
         out_channels=256,
         top_block=L(TSPTopBlock)(channels="${..out_channels}", norm="SyncBN"),
     ),
     in_features=["p3", "p4", "p5", "p6", "p7"],
-    foi_head=L(FoIClassifier)(in_channels="${..backbone.out_channels}", num_levels=5, num_classes="${..num_classes}",
-                              num_convs=4, norm="GN", prior_prob=0.01),
+    foi_head=L(FoIClassifier)(
+        in_channels="${..backbone.out_channels}",
+        num_levels=5,
+        num_classes="${..num_classes}",
+        num_convs=4,
+        norm="GN",
+        prior_prob=0.01,
+    ),
     hidden_dim=512,
     encoder=L(TransformerEncoder)(
-        layer=L(TransformerEncoderLayer)(d_model="${...hidden_dim}", nhead=8, dim_feedforward=2048, dropout=0.1,
-                                         normalize_before=True),
+        layer=L(TransformerEncoderLayer)(
+            d_model="${...hidden_dim}",
+            nhead=8,
+            dim_feedforward=2048,
+            dropout=0.1,
+            normalize_before=True,
+        ),
         num_layers=6,
         norm=L(nn.LayerNorm)(normalized_shape="${...hidden_dim}"),
     ),
@@ -62,8 +78,13 @@ model = L(TSPFCOS)(
 )
 
 optimizer = L(HybridOptimizer)(
-    params=L(hybrid_param_groups)(lr="${..lr}", adamw_lr="${..adamw_lr}", weight_decay="${..weight_decay}",
-                                  adamw_params=["encoder."], weight_decay_norm=0.0),
+    params=L(hybrid_param_groups)(
+        lr="${..lr}",
+        adamw_lr="${..adamw_lr}",
+        weight_decay="${..weight_decay}",
+        adamw_params=["encoder."],
+        weight_decay_norm=0.0,
+    ),
     lr=0.01,
     momentum=0.9,
     adamw_lr=1e-4,
@@ -81,7 +102,9 @@ lr_multiplier = L(WarmupParamScheduler)(
 # detectron2's standard training mapper as released: resize, flip, no crop; empty images dropped
 dataloader.train.dataset.filter_empty = True
 dataloader.train.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=list(range(640, 801, 32)), max_size=1333, sample_style="choice"),
+    L(T.ResizeShortestEdge)(
+        short_edge_length=list(range(640, 801, 32)), max_size=1333, sample_style="choice"
+    ),
     L(T.RandomFlip)(horizontal=True),
 ]
 dataloader.train.mapper.image_format = "BGR"

@@ -22,31 +22,52 @@ from torch import nn
 from detr_variants.layers import TransformerEncoder, TransformerEncoderLayer
 from detr_variants.modeling import TSPRCNN, RestrictedMatcher, make_resnet
 from detr_variants.modeling.meta_arch.tsp_fcos import TSPTopBlock
-from detr_variants.modeling.meta_arch.tsp_rcnn import (TransformerROIHeads, TSPBoxHead, TSPFastRCNNOutputLayers,
-                                                       TSPRPNHead)
+from detr_variants.modeling.meta_arch.tsp_rcnn import (
+    TransformerROIHeads,
+    TSPBoxHead,
+    TSPFastRCNNOutputLayers,
+    TSPRPNHead,
+)
 
 from .tsp_fcos_r50_36ep import dataloader, lr_multiplier, optimizer, train
 
 model = L(TSPRCNN)(
     backbone=L(FPN)(
-        bottom_up=L(make_resnet)(depth=50, out_features=["res2", "res3", "res4", "res5"], norm="FrozenBN",
-                                 freeze_at=2, stride_in_1x1=True),
+        bottom_up=L(make_resnet)(
+            depth=50,
+            out_features=["res2", "res3", "res4", "res5"],
+            norm="FrozenBN",
+            freeze_at=2,
+            stride_in_1x1=True,
+        ),
         in_features="${.bottom_up.out_features}",
         out_channels=256,
         top_block=L(TSPTopBlock)(channels="${..out_channels}", norm="SyncBN"),
     ),
     proposal_generator=L(RPN)(
         in_features=["p3", "p4", "p5", "p6", "p7"],
-        head=L(TSPRPNHead)(in_channels="${...backbone.out_channels}", num_anchors=9, num_convs=2, num_levels=5,
-                           norm="SyncBN"),
+        head=L(TSPRPNHead)(
+            in_channels="${...backbone.out_channels}",
+            num_anchors=9,
+            num_convs=2,
+            num_levels=5,
+            norm="SyncBN",
+        ),
         anchor_generator=L(DefaultAnchorGenerator)(
-            sizes=[[32, 40.32, 51.80], [64, 80.63, 101.59], [128, 161.27, 203.19], [256, 322.54, 406.37],
-                   [512, 645.08, 812.75]],
+            sizes=[
+                [32, 40.32, 51.80],
+                [64, 80.63, 101.59],
+                [128, 161.27, 203.19],
+                [256, 322.54, 406.37],
+                [512, 645.08, 812.75],
+            ],
             aspect_ratios=[0.5, 1.0, 2.0],
             strides=[8, 16, 32, 64, 128],
             offset=0.0,
         ),
-        anchor_matcher=L(Matcher)(thresholds=[0.3, 0.7], labels=[0, -1, 1], allow_low_quality_matches=True),
+        anchor_matcher=L(Matcher)(
+            thresholds=[0.3, 0.7], labels=[0, -1, 1], allow_low_quality_matches=True
+        ),
         box2box_transform=L(Box2BoxTransform)(weights=[1.0, 1.0, 1.0, 1.0]),
         batch_size_per_image=256,
         positive_fraction=0.5,
@@ -59,20 +80,31 @@ model = L(TSPRCNN)(
         num_classes=80,
         batch_size_per_image=700,
         positive_fraction=0.25,
-        proposal_matcher=L(Matcher)(thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False),
+        proposal_matcher=L(Matcher)(
+            thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False
+        ),
         proposal_append_gt=True,  # jittered GT, only for images where no proposal matches
         random_drop=0.7,
         box_in_features=["p2", "p3", "p4", "p5"],
-        box_pooler=L(ROIPooler)(output_size=7, scales=(1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32), sampling_ratio=0,
-                                pooler_type="ROIAlignV2"),
+        box_pooler=L(ROIPooler)(
+            output_size=7,
+            scales=(1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32),
+            sampling_ratio=0,
+            pooler_type="ROIAlignV2",
+        ),
         box_head=L(TSPBoxHead)(
             in_channels="${...backbone.out_channels}",
             pooler_resolution=7,
             hidden_dim=512,
             use_position_encoding=True,
             encoder=L(TransformerEncoder)(
-                layer=L(TransformerEncoderLayer)(d_model="${...hidden_dim}", nhead=8, dim_feedforward=2048,
-                                                 dropout=0.1, normalize_before=True),
+                layer=L(TransformerEncoderLayer)(
+                    d_model="${...hidden_dim}",
+                    nhead=8,
+                    dim_feedforward=2048,
+                    dropout=0.1,
+                    normalize_before=True,
+                ),
                 num_layers=6,
                 norm=L(nn.LayerNorm)(normalized_shape="${...hidden_dim}"),
             ),

@@ -12,7 +12,11 @@ from ....configs.common.schedule import step_schedule
 from .tsp_rcnn_r50_36ep import dataloader, model, optimizer, train
 
 dataloader.train.mapper.augmentations = L(detr_train_augmentations)(
-    min_sizes=list(range(640, 801, 32)), max_size=1333, crop_resize_sizes=[400, 500, 600], crop_size=[384, 600])
+    min_sizes=list(range(640, 801, 32)),
+    max_size=1333,
+    crop_resize_sizes=[400, 500, 600],
+    crop_size=[384, 600],
+)
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=step_schedule(total_epochs=96, drop_epochs=[64, 85]),
     warmup_length=1000 / 720000,  # 96 epochs = 720k iterations at batch 16
