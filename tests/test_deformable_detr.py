@@ -323,3 +323,32 @@ def test_hf_converter_maps_every_class_row(with_box_refine, two_stage, levels):
         assert torch.allclose(
             out["enc_outputs"]["pred_logits"][..., 0], expected.enc_outputs_class[..., 0], atol=1e-4
         )
+
+
+def test_encoder_loss_is_class_agnostic():
+    """The proposals' one-logit head gets the official encoder-output losses (``_enc``, the final
+    layer's weights) with every label 0: relabelling the GT changes the decoder's class loss and
+    none of the ``_enc`` losses."""
+    model = small_model("deformable_detr_two_stage_r50_50ep").eval()
+    with torch.no_grad():
+        out = model.compute_outputs(*_padded_pair())
+        assert out["enc_outputs"]["pred_logits"].shape[-1] == 1
+        boxes = [torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4]]), torch.zeros(0, 4)]
+        losses = [
+            model.criterion(
+                out,
+                [
+                    {"labels": torch.tensor(c, dtype=torch.long), "boxes": b}
+                    for c, b in zip(cs, boxes)
+                ],
+            )
+            for cs in ([[3, 17], []], [[40, 2], []])
+        ]
+    assert {k for k in losses[0] if k.endswith("_enc")} == {
+        "loss_class_enc",
+        "loss_bbox_enc",
+        "loss_giou_enc",
+    }
+    assert not torch.isclose(losses[0]["loss_class"], losses[1]["loss_class"])
+    for name in ("loss_class_enc", "loss_bbox_enc", "loss_giou_enc"):
+        assert torch.equal(losses[0][name], losses[1][name]), name
