@@ -146,6 +146,19 @@ def valid_annotations(
     return kept
 
 
+def _check_image_size(dataset_dict: Dict, image: np.ndarray, file_name) -> None:
+    """Fills in a missing ``height`` / ``width`` and refuses ones that disagree with the image
+    (detectron2's ``check_image_size`` raises a bare ``KeyError`` when only one is given)."""
+    h, w = image.shape[:2]
+    expected = (dataset_dict.get("height", h), dataset_dict.get("width", w))
+    if expected != (h, w):
+        raise ValueError(
+            f"{file_name}: the record says height x width {expected[0]}x{expected[1]}, the image "
+            f"is {h}x{w}"
+        )
+    dataset_dict["height"], dataset_dict["width"] = h, w
+
+
 class DetrDatasetMapper:
     """Maps a detectron2 dataset dict to the model's input format.
 
@@ -187,7 +200,7 @@ class DetrDatasetMapper:
             return None
         annotations = dataset_dict.get("annotations", [])
         dataset_dict = copy.deepcopy({k: v for k, v in dataset_dict.items() if k != "annotations"})
-        utils.check_image_size(dataset_dict, image)
+        _check_image_size(dataset_dict, image, file_name)
         if self.is_train:
             annotations = valid_annotations(
                 annotations, image.shape[:2], file_name, keep_masks=self.use_instance_mask
