@@ -15,8 +15,8 @@ from torch import nn
 
 from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
 from detr_variants.layers import TransformerEncoder, TransformerEncoderLayer
-from detr_variants.modeling import TSPFCOS, RestrictedMatcher, make_resnet
-from detr_variants.modeling.meta_arch.tsp_fcos import FoIClassifier, TSPFCOSCriterion, TSPTopBlock
+from detr_variants.modeling import RestrictedMatcher, make_resnet
+from detr_variants.modeling.tsp import TSPFCOS, FoIClassifier, TSPFCOSCriterion, TSPTopBlock
 
 from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.schedule import step_schedule
