@@ -24,7 +24,7 @@ from detr_variants.engine.train_loop import apply_overrides, clip_parameters, tr
 from detr_variants.engine.trainer import SetPredictionTrainer
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.matcher import RestrictedMatcher, restricted_match
-from detr_variants.modeling.tsp import random_keep_count, roi_position_encoding
+from detr_variants.modeling.tsp import fcos_assignment, random_keep_count, roi_position_encoding
 from helpers import image_input
 
 SYNTHETIC = ["tsp/tsp_fcos_r18_synthetic", "tsp/tsp_rcnn_r18_synthetic"]
@@ -131,6 +131,152 @@ def test_fcos_positives_are_always_among_the_selected_fois():
     scores[positive] = 0.0
     selected = model.select_fois(scores, torch.ones_like(positive), positive)
     assert all(set(range(30)) <= set(row.tolist()) for row in selected)
+
+
+def _official_sine(h, w, num_pos_feats):
+    """The released ``PositionEmbeddingSine`` (normalize, 2π) of an (h, w) map with no padding:
+    row/column index 1..n divided by n, 10000^(2⌊i/2⌋/F) frequencies, sin/cos interleaved,
+    y then x. (F·2, h·w) → (h·w, 2F)."""
+    scale, eps = 2 * math.pi, 1e-6
+    y = torch.arange(1, h + 1, dtype=torch.float32)[:, None].expand(h, w) / (h + eps) * scale
+    x = torch.arange(1, w + 1, dtype=torch.float32)[None].expand(h, w) / (w + eps) * scale
+    i = torch.arange(num_pos_feats, dtype=torch.float32)
+    freq = 10000 ** (2 * torch.div(i, 2, rounding_mode="floor") / num_pos_feats)
+
+    def enc(v):
+        v = v[..., None] / freq
+        return torch.stack((v[..., 0::2].sin(), v[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    return torch.cat([enc(y), enc(x)], dim=-1).flatten(0, 1)
+
+
+def _encoder_inputs(model):
+    """Records the keyword inputs of every call of the model's transformer encoder."""
+    calls = []
+    model.encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True
+    )
+    return calls
+
+
+def test_padding_to_size_divisibility_counts_as_image_at_batch_size_1():
+    """Released behaviour (issue #13): one 100x140 image is padded to 128x160; the released mask
+    is built at 100x140, so the padding is image: every location can be a FoI, the sine
+    encoding is normalised over the padded map and the encoder gets no padding. Exact up to
+    float32 rounding (atol 1e-5)."""
+    model = small_model(SYNTHETIC[0], "model.num_fois=200").eval()
+    calls = _encoder_inputs(model)
+    images, mask = model.preprocess_image([image_input(100, 140, with_instances=False)])
+    assert tuple(images.tensor.shape[-2:]) == (128, 160)
+    with torch.no_grad():
+        out = model.compute_outputs(images, mask)
+    shapes = [(math.ceil(128 / s), math.ceil(160 / s)) for s in (8, 16, 32, 64, 128)]
+    d = model.level_embed.shape[1]
+    pos = torch.cat(
+        [_official_sine(h, w, d // 2) + model.level_embed[i] for i, (h, w) in enumerate(shapes)]
+    )
+    scores = out["local_logits"][0].sigmoid().max(-1).values
+    assert len(scores) == sum(h * w for h, w in shapes)
+    selected = out["selected"][0]
+    assert selected.tolist() == scores.topk(200).indices.tolist()  # padding ranks as image
+    torch.testing.assert_close(calls[-1]["pos"][0], pos[selected], atol=1e-5, rtol=0)
+    assert not calls[-1]["key_padding_mask"].any() and out["valid"].all()
+
+
+def test_padding_of_other_images_is_masked_by_default_and_official_on_request():
+    """Default: an image's masks, encoding and validity are those it has alone (batch
+    independence); ``official_padding=True``: the released masks of the whole batch."""
+    model = small_model(SYNTHETIC[0]).eval()
+    small, large = image_input(100, 140, with_instances=False), image_input(190, 150, seed=1)
+    dense = {}
+    with torch.no_grad():
+        for name, batch in (("alone", [small]), ("batch", [small, large])):
+            dense[name] = model.dense_outputs(model.preprocess_image(batch)[0])
+        model.official_padding = True
+        official = model.dense_outputs(model.preprocess_image([small, large])[0])
+        official_alone = model.dense_outputs(model.preprocess_image([small])[0])
+    levels_alone, levels_batch = dense["alone"]["levels"], dense["batch"]["levels"]
+    for level in range(5):
+        a = dense["alone"]["pos"][0][levels_alone == level]
+        b = dense["batch"]["pos"][0][levels_batch == level]
+        valid_b = dense["batch"]["valid"][0][levels_batch == level]
+        assert valid_b.sum() == len(a) and dense["alone"]["valid"].all()
+        torch.testing.assert_close(b[valid_b], a, atol=1e-6, rtol=0)  # same cells, same encoding
+    assert not dense["batch"]["valid"][0].all() and dense["batch"]["valid"][1].all()
+    # released: everything valid, the small image's encoding normalised over the padded batch
+    # extent wherever the other image is larger, and equal to the default alone
+    assert official["valid"].all()
+    torch.testing.assert_close(official_alone["pos"], dense["alone"]["pos"], atol=0, rtol=0)
+    assert not torch.allclose(official["pos"][0], dense["batch"]["pos"][0], atol=1e-3)
+
+
+def test_fcos_scale_ranges_include_their_bounds():
+    """A 128-px GT centred on a P3 location: max(l, t, r, b) = 64 exactly there, which the
+    released ``[-1, 64]`` range of P3 includes (detectron2's strict one excludes it)."""
+    model = small_model(SYNTHETIC[0], "model.random_drop=1.0").train()
+    batch = [image_input(160, 160, [[4.0, 4.0, 132.0, 132.0]], [3])]
+    out = criterion_inputs(model, batch)
+    p3_width = 160 // 8
+    location = 8 * p3_width + 8  # P3 row 8, column 8: (68, 68), the GT centre
+    assert out["fcos_labels"][0, location] == 3
+    torch.testing.assert_close(out["fcos_reg_targets"][0, location], torch.full((4,), 8.0))
+    # the P4 location (72, 72): max distance 68, in P4's [64, 128] only
+    assert out["fcos_labels"][0, 20 * 20 + 4 * 10 + 4] == 3
+
+
+def test_fcos_ties_go_to_the_smaller_area_exactly():
+    """GTs of areas 1003 (listed first) and 1000 both claim two locations: the released min-area
+    rule gives them to the 1000 px² one; detectron2 ranks 1e8 - area in float32 (steps of 8)
+    and keeps the first."""
+    boxes = torch.tensor([[100.0, 100, 117, 159], [100.0, 100, 125, 140]])
+    points = torch.tensor([[100.0 + x, 100.0 + y] for y in range(1, 60) for x in range(1, 25)])
+    ranges = torch.tensor([[-1.0, math.inf]]).expand(len(points), 2)
+    strides = torch.full((len(points),), 8.0)
+    alone = [
+        fcos_assignment(points, strides, ranges, boxes[k : k + 1], torch.tensor([k]), 80)[1] >= 0
+        for k in range(2)
+    ]
+    shared = alone[0] & alone[1]
+    labels, index, _ = fcos_assignment(points, strides, ranges, boxes, torch.tensor([1, 2]), 80)
+    assert shared.sum() > 0 and (index[shared] == 1).all() and (labels[shared] == 2).all()
+
+
+def test_fcos_training_targets_break_ties_by_exact_area():
+    """The same two GTs in a training step: the P3 locations inside both go to the second."""
+    boxes = torch.tensor([[100.0, 100, 117, 159], [100.0, 100, 125, 140]])
+    model = small_model(SYNTHETIC[0], "model.random_drop=1.0").train()
+    out = criterion_inputs(model, [image_input(192, 192, boxes.tolist(), [1, 2])])
+    xy = torch.tensor([[4.0 + 8 * (i % 24), 4.0 + 8 * (i // 24)] for i in range(24 * 24)])
+    # candidates of a GT: inside it and within 1.5 strides of its centre (max distance < 64)
+    near = [
+        ((xy > b[:2]) & (xy < b[2:]) & ((xy - (b[:2] + b[2:]) / 2).abs() < 12)).all(1)
+        for b in boxes
+    ]
+    both = torch.nonzero(near[0] & near[1]).squeeze(1)
+    assert len(both) > 0 and (out["fcos_gt_index"][0, both] == 1).all()
+
+
+def test_fcos_positives_rank_with_the_released_half_boost():
+    """Training FoI ranking as released: positives score 0.5·(p + 1), so negatives above that
+    outrank them (issue #13: the project had added 1 more)."""
+    model = small_model(SYNTHETIC[0], "model.num_fois=40", "model.random_drop=1.0").train()
+    g = torch.Generator().manual_seed(0)
+
+    def spread_logits(module, args, output):  # distinct objectness over (-6, 6)
+        logits = [torch.full_like(x, -20.0) for x in output[0]]
+        for x in logits:
+            x[:, 0] = torch.rand(x[:, 0].shape, generator=g) * 12 - 6
+        return (logits, *output[1:])
+
+    model.foi_head.register_forward_hook(spread_logits)
+    batch = [image_input(160, 192, [[10.0, 10, 60, 70], [50, 40, 120, 110]], [1, 2])]
+    out = criterion_inputs(model, batch)
+    p = out["local_logits"][0].sigmoid().max(-1).values
+    positive = out["fcos_labels"][0] != model.num_classes
+    expected = torch.where(positive, 0.5 * (p + 1), p).topk(40).indices
+    assert out["selected"][0].tolist() == expected.tolist()
+    left_out = positive.sum() - positive[expected].sum()
+    assert 0 < left_out < positive.sum()  # the case where the rankings differ
 
 
 def test_random_drop_keeps_70_to_100_percent():
