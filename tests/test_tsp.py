@@ -178,8 +178,8 @@ def test_padding_to_size_divisibility_counts_as_image_at_batch_size_1():
     scores = out["local_logits"][0].sigmoid().max(-1).values
     assert len(scores) == sum(h * w for h, w in shapes)
     selected = out["selected"][0]
-    assert selected.tolist() == scores.topk(200).indices.tolist()  # padding ranks as image
     torch.testing.assert_close(calls[-1]["pos"][0], pos[selected], atol=1e-5, rtol=0)
+    assert selected.tolist() == scores.topk(200).indices.tolist()  # padding ranks as image
     assert not calls[-1]["key_padding_mask"].any() and out["valid"].all()
 
 
@@ -778,3 +778,202 @@ def test_official_converter_round_trip(name, arch, inverse):
         convert_checkpoint(
             {"model": official | {"some.unknown.weight": torch.zeros(1)}}, "official", arch
         )
+
+
+# ------------------------------------------------------------------ converters vs official forwards
+def _perturbed(model, scale=0.05, seed=0):
+    """The model's state with every float entry perturbed, so that every row and tensor is
+    distinguishable (variances kept positive)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        if not v.dtype.is_floating_point:
+            out[k] = v
+        elif k.endswith("running_var"):
+            out[k] = v * (1 + 0.5 * torch.rand(v.shape, generator=g))
+        else:
+            out[k] = v + scale * torch.randn(v.shape, generator=g)
+    return out
+
+
+def _official_encoder(sd, prefix, x, pos, nhead, key_padding_mask=None):
+    """The released pre-norm ``TransformerEncoder`` (``forward_pre``, eval) on (B, N, d), read
+    from official names: norm1 → self-attention (q = k = x + pos) → norm2 → linear1/ReLU/linear2,
+    then the final ``norm``."""
+    d = x.shape[-1]
+    layers = sorted(
+        {int(k[len(prefix) :].split(".")[1]) for k in sd if k.startswith(prefix + "layers.")}
+    )
+    for i in layers:
+        p = f"{prefix}layers.{i}."
+        h = nn.functional.layer_norm(x, (d,), sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+        q = (h + pos).transpose(0, 1)
+        attn = nn.functional.multi_head_attention_forward(
+            q,
+            q,
+            h.transpose(0, 1),
+            d,
+            nhead,
+            sd[p + "self_attn.in_proj_weight"],
+            sd[p + "self_attn.in_proj_bias"],
+            None,
+            None,
+            False,
+            0.0,
+            sd[p + "self_attn.out_proj.weight"],
+            sd[p + "self_attn.out_proj.bias"],
+            training=False,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+        )[0]
+        x = x + attn.transpose(0, 1)
+        h = nn.functional.layer_norm(x, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+        h = nn.functional.linear(h, sd[p + "linear1.weight"], sd[p + "linear1.bias"]).relu()
+        x = x + nn.functional.linear(h, sd[p + "linear2.weight"], sd[p + "linear2.bias"])
+    return nn.functional.layer_norm(x, (d,), sd[prefix + "norm.weight"], sd[prefix + "norm.bias"])
+
+
+def _official_bn(x, sd, p):
+    return nn.functional.batch_norm(
+        x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=1e-5
+    )
+
+
+def _official_top_block(sd, p5):
+    """``LastLevelMaxPoolV2``: P6 = BN(conv_s2(P5)), P7 = BN(conv_s2(ReLU(P6)))."""
+    out = []
+    for name, x in (("p6", p5), ("p7", None)):
+        x = p5 if name == "p6" else out[-1].relu()
+        p = f"backbone.top_block.{name}."
+        x = nn.functional.conv2d(x, sd[p + "conv.weight"], sd.get(p + "conv.bias"), 2, 1)
+        out.append(_official_bn(x, sd, p + "bn."))
+    return out
+
+
+def test_official_fcos_checkpoint_gives_the_official_head_outputs():
+    """A converted official-named TSP-FCOS state (every entry distinct) reproduces, per class
+    and FoI, what the released forward computes from the official names: P6/P7, the FCOS
+    towers and FoI logits, and the transformer part (enc_proj, post_enc_proj_norm, pyramid
+    embedding, pre-norm encoder, cls_logits/ctrness/bbox_pred·scales). A swapped row or name
+    fails it. Tolerance 1e-4 (float32, different op order)."""
+    model = small_model(SYNTHETIC[0], "model.num_fois=50").eval()
+    official = _official_fcos_names(_perturbed(model))
+    model.load_state_dict(convert_checkpoint({"model": official}, "official", "tsp_fcos"))
+    sd, tol = official, dict(atol=1e-4, rtol=1e-4)
+    images, _ = model.preprocess_image([image_input(96, 128, with_instances=False)])
+    with torch.no_grad():
+        feats = model.backbone(images.tensor)
+        dense = model.dense_outputs(images)
+        selected = model.select_fois(dense["scores"], dense["valid"])
+        out = model.encode(dense, selected)
+        levels = model.in_features
+        for ref, name in zip(_official_top_block(sd, feats["p5"]), ("p6", "p7")):
+            torch.testing.assert_close(feats[name], ref, **tol)
+        towers, logits = {}, []
+        for head in ("cls", "bbox"):
+            towers[head] = []
+            for level in levels:
+                x = feats[level]
+                for j in range(model.foi_head.cls_subnet.__len__() // 3):
+                    p = f"fcos_head.{head}_tower."
+                    x = nn.functional.conv2d(
+                        x, sd[f"{p}{3 * j}.weight"], sd[f"{p}{3 * j}.bias"], 1, 1
+                    )
+                    gn = sd[f"{p}{3 * j + 1}.weight"], sd[f"{p}{3 * j + 1}.bias"]
+                    x = nn.functional.group_norm(x, 32, *gn).relu()
+                towers[head].append(x)
+        for x in towers["cls"]:
+            w, b = sd["fcos_head.cls_logits.weight"], sd["fcos_head.cls_logits.bias"]
+            logits.append(nn.functional.conv2d(x, w, b, 1, 1).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(dense["local_logits"], torch.cat(logits, 1), **tol)
+        joint = torch.cat(
+            [torch.cat([c, b], 1).flatten(2).transpose(1, 2) for c, b in zip(*towers.values())], 1
+        )[0, selected[0]]
+        x = nn.functional.linear(joint, sd["enc_proj.weight"], sd["enc_proj.bias"])
+        x = nn.functional.layer_norm(
+            x, x.shape[-1:], sd["post_enc_proj_norm.weight"], sd["post_enc_proj_norm.bias"]
+        )
+        level = dense["levels"][selected[0]]
+        sine = dense["pos"][0, selected[0]] - model.level_embed[level]  # checked above
+        pos = sine + sd["pyramid_position_embedding"][level]
+        memory = _official_encoder(sd, "transformer_encoder.", x[None], pos[None], 8)[0]
+        cls = nn.functional.linear(memory, sd["cls_logits.weight"], sd["cls_logits.bias"])
+        ctr = nn.functional.linear(memory, sd["ctrness.weight"], sd["ctrness.bias"])[:, 0]
+        reg = nn.functional.linear(memory, sd["bbox_pred.weight"], sd["bbox_pred.bias"]).relu()
+        reg = reg * sd["scales"][level, None]
+    torch.testing.assert_close(out["pred_logits"][0], cls, **tol)
+    torch.testing.assert_close(out["pred_ctrness"][0], ctr, **tol)
+    torch.testing.assert_close(out["pred_ltrb"][0], reg, **tol)
+    assert cls.std(0).min() > 1e-3  # the classes are told apart
+
+
+def test_official_rcnn_checkpoint_gives_the_official_head_outputs():
+    """The same for TSP-RCNN: P6/P7, the RPN towers (``obj_conv``/``anchor_conv`` with the
+    per-level ``*_bn_list``) and the box head (input_proj + dec_pos_embed_proj(RoI encoding) →
+    post_input_proj_norm → encoder → cls_score rows / bbox_pred MLP). Tolerance 1e-4."""
+    model = small_model(SYNTHETIC[1]).eval()
+    official = _official_rcnn_names(_perturbed(model, scale=0.01))
+    model.load_state_dict(convert_checkpoint({"model": official}, "official", "tsp_rcnn"))
+    sd, tol = official, dict(atol=1e-4, rtol=1e-4)
+    seen = {}
+    model.proposal_generator.rpn_head.register_forward_hook(
+        lambda m, args, out: seen.update(rpn_in=args[0], rpn_out=out)
+    )
+    model.roi_heads.box_head.register_forward_hook(
+        lambda m, args, out: seen.update(pooled=args[0], proposals=args[1])
+    )
+    model.roi_heads.box_predictor.register_forward_hook(
+        lambda m, args, out: seen.update(predictions=out)
+    )
+    with torch.no_grad():
+        feats = model.backbone(
+            model.preprocess_image([image_input(96, 128, with_instances=False)]).tensor
+        )
+        for ref, name in zip(_official_top_block(sd, feats["p5"]), ("p6", "p7")):
+            torch.testing.assert_close(feats[name], ref, **tol)
+        model([image_input(96, 128, with_instances=False)])
+        rpn = "proposal_generator.rpn_head."
+        for level, x in enumerate(seen["rpn_in"]):
+            for tower, out_name, out in (
+                ("obj", "objectness_logits", seen["rpn_out"][0]),
+                ("anchor", "anchor_deltas", seen["rpn_out"][1]),
+            ):
+                t = x
+                for j in range(len(model.proposal_generator.rpn_head.obj_convs)):
+                    p = f"{rpn}{tower}_conv.{j}.conv."
+                    t = nn.functional.conv2d(t, sd[p + "weight"], sd[p + "bias"], 1, 1)
+                    t = _official_bn(t, sd, f"{rpn}{tower}_bn_list.{level}.{j}.").relu()
+                ref = nn.functional.conv2d(
+                    t, sd[f"{rpn}{out_name}.weight"], sd[f"{rpn}{out_name}.bias"]
+                )
+                torch.testing.assert_close(out[level], ref, **tol)
+        (props,) = seen["proposals"]
+        box = "roi_heads.box_head."
+        pe = roi_position_encoding(
+            props.proposal_boxes.tensor, props.image_size, model.roi_heads.box_head.hidden_dim // 8
+        )
+        x = nn.functional.linear(
+            seen["pooled"].flatten(1), sd[box + "input_proj.weight"], sd[box + "input_proj.bias"]
+        )
+        x = x + nn.functional.linear(
+            pe, sd[box + "dec_pos_embed_proj.weight"], sd[box + "dec_pos_embed_proj.bias"]
+        )
+        x = nn.functional.layer_norm(
+            x,
+            x.shape[-1:],
+            sd[box + "post_input_proj_norm.weight"],
+            sd[box + "post_input_proj_norm.bias"],
+        )
+        memory = _official_encoder(sd, box + "transformer_encoder.", x[None], pe[None], 8)[0]
+        pred = "roi_heads.box_predictor."
+        scores = nn.functional.linear(
+            memory, sd[pred + "cls_score.weight"], sd[pred + "cls_score.bias"]
+        )
+        deltas = memory
+        for j in range(3):
+            p = f"{pred}bbox_pred.layers.{j}."
+            deltas = nn.functional.linear(deltas, sd[p + "weight"], sd[p + "bias"])
+            deltas = deltas.relu() if j < 2 else deltas
+    torch.testing.assert_close(seen["predictions"][0], scores, **tol)
+    torch.testing.assert_close(seen["predictions"][1], deltas, **tol)
+    assert len(props) > 10 and scores.std(0).min() > 1e-3
