@@ -20,7 +20,12 @@ from torch import nn
 
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
 from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
-from detr_variants.engine.train_loop import apply_overrides, clip_parameters, train
+from detr_variants.engine.train_loop import (
+    apply_overrides,
+    clip_parameters,
+    resolve_max_iter,
+    train,
+)
 from detr_variants.engine.trainer import SetPredictionTrainer
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.matcher import RestrictedMatcher, restricted_match
@@ -337,6 +342,21 @@ def test_roi_position_encoding_on_a_known_box():
 
 
 # ------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name", ["tsp/tsp_fcos_r50_36ep", "tsp/tsp_rcnn_r50_96ep"])
+def test_warmup_covers_the_released_images_whatever_the_batch_size(name):
+    """The released warmup is 1000 iterations at batch 16; resolved from epochs it ends after
+    the same 16,000 COCO train2017 images (117,266 with annotations) at batch 16 and at 4."""
+    cfg = get_config(name)
+    for batch in (16, 4):
+        max_iter = resolve_max_iter(cfg.train, 117266, batch)
+        schedule = instantiate(cfg.lr_multiplier)
+        ramp = [schedule(i / max_iter) for i in range(0, 20000 // batch)]
+        warm = next(i for i, v in enumerate(ramp) if v == 1.0)
+        assert ramp[0] == pytest.approx(0.001) and all(a < b for a, b in zip(ramp, ramp[1:warm]))
+        # one iteration of rounding, plus fvcore's 1e-6 of training (WHERE_EPSILON)
+        assert abs(warm - 16000 / batch) <= 1 + 1e-6 * max_iter, (batch, warm)
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_configs_instantiate(name):
     cfg = get_config(name)
