@@ -119,7 +119,9 @@ def test_restricted_matcher_weights_and_empty_input():
 
 
 # ------------------------------------------------------------------ FoI selection and random drop
-def test_fcos_positives_are_always_among_the_selected_fois():
+def test_fcos_positives_outrank_negatives_below_one_half():
+    """Boosted to 0.5·(p + 1) >= 0.5, every positive is selected when no negative scores above
+    that (here: an untrained FoI classifier, then negatives below 0.5)."""
     model = small_model(SYNTHETIC[0], "model.num_fois=60", "model.random_drop=1.0").train()
     batch = batch_with_and_without_objects()
     out = criterion_inputs(model, batch)
