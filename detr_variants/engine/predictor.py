@@ -9,13 +9,13 @@ from detectron2.config import instantiate
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from ..checkpoint import Checkpointer
+from ..checkpoint import load_inference_weights
 from .defaults import resolve_device
 
 
 class DefaultPredictor:
     """Builds ``cfg.model``, loads ``cfg.train.init_checkpoint`` (strictly: a checkpoint for
-    another class count raises), and predicts one image at a time with the test-time resize of
+    another class count raises; an empty one raises unless ``train.allow_random_weights``), and predicts one image at a time with the test-time resize of
     ``cfg.dataloader.test``.
 
     ``predictor(image)`` takes an HxWx3 uint8 array in BGR order (as ``cv2.imread`` gives) or a
@@ -26,8 +26,12 @@ class DefaultPredictor:
         self.cfg = cfg
         self.model = instantiate(cfg.model).to(resolve_device(cfg.train.get("device", "auto")))
         self.model.eval()
-        if cfg.train.get("init_checkpoint"):
-            Checkpointer(self.model, strict=True).load(cfg.train.init_checkpoint)
+        load_inference_weights(
+            self.model,
+            cfg.train.get("init_checkpoint", ""),
+            trust=cfg.train.get("trust_checkpoint", False),
+            allow_random_weights=cfg.train.get("allow_random_weights", False),
+        )
         self.augmentations = T.AugmentationList(
             list(instantiate(cfg.dataloader.test.mapper.augmentations))
         )
