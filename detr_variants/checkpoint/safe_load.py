@@ -58,14 +58,21 @@ _multiarray = getattr(np, "_core", None) or np.core
 _NUMPY_RECONSTRUCT = _multiarray.multiarray._reconstruct
 _NUMPY_SCALAR = _multiarray.multiarray.scalar
 
-_TORCH_SAFE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype] + [
-    (fn, f"{module}.{fn.__name__}")
-    for module in _MULTIARRAY_MODULES
-    for fn in (_NUMPY_RECONSTRUCT, _NUMPY_SCALAR)
-]
+_NUMERIC_DTYPES = "?bBhHiIlLqQefdFD"  # bool, (unsigned) integers, floats, complex
+_TORCH_SAFE_GLOBALS = (
+    [argparse.Namespace, np.ndarray, np.dtype]
+    + [type(np.dtype(code)) for code in _NUMERIC_DTYPES]  # numpy.dtypes.Float32DType, ...
+    + [
+        (fn, f"{module}.{fn.__name__}")
+        for module in _MULTIARRAY_MODULES
+        for fn in (_NUMPY_RECONSTRUCT, _NUMPY_SCALAR)
+    ]
+)
 
 _PICKLE_ALLOWED = {
     *((module, name) for module in _MULTIARRAY_MODULES for name in ("_reconstruct", "scalar")),
+    # protocol 5 stores arrays as numeric._frombuffer(bytes, dtype, shape, order)
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("collections", "OrderedDict"),
@@ -89,10 +96,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str):
-        if self.proto < 3:  # Python 2 names, as the default find_class maps them
-            module, name = _compat_pickle.NAME_MAPPING.get(
-                (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
-            )
+        # Python 2 names (as the default find_class maps them for protocols < 3)
+        module, name = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+        )
         if (module, name) not in _PICKLE_ALLOWED:
             raise UnsafeCheckpointError(_refusal(self.path, f"{module}.{name}"))
         return super().find_class(module, name)
@@ -120,11 +127,13 @@ def load_torch(path: str, *, trust: bool = False) -> Any:
         with torch.serialization.safe_globals(_TORCH_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
+        detail = re.search(
+            r"WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)", str(e), re.S
+        )
         if detail is None:
             raise CorruptCheckpointError(f"{path} is truncated or corrupt: {e}") from e
-        name = re.search(r"GLOBAL (\S+)", detail.group(1))
-        what = name.group(1) if name else detail.group(1).rstrip(".")
+        name = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", detail.group(1))
+        what = next(filter(None, name.groups())) if name else detail.group(1).rstrip(".")
         raise UnsafeCheckpointError(_refusal(path, what)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
         raise CorruptCheckpointError(f"{path} is truncated or corrupt: {e}") from e
