@@ -285,6 +285,10 @@ def test_url_with_the_published_hash_loads(tmp_path, fake_download):
     Checkpointer(target, strict=True).load(f"{url}?sha256={_sha256(path)}")
     assert torch.equal(target.weight, model.weight)
     assert downloads == [url]  # the query is not part of the download
+    # detectron2's own query passes through: name-matching heuristics find "0.weight"
+    target = nn.Sequential(_linear(3))
+    Checkpointer(target).load(f"{url}?matching_heuristics=True&sha256={_sha256(path)}")
+    assert torch.equal(target[0].weight, model.weight)
 
 
 def test_torch_hub_file_name_hash_prefix_is_checked(tmp_path, fake_download):

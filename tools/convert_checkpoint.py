@@ -13,18 +13,8 @@ output holds ``{"model": state_dict}`` and loads with ``DetectionCheckpointer`` 
 
 import argparse
 
-import torch
-
 import detr_variants  # noqa: F401  (registers the converters)
-from detr_variants.checkpoint import convert_checkpoint, load_checkpoint_file
-
-
-def load_state_dict(path: str, trust: bool = False):
-    if path.endswith(".safetensors"):  # holds tensors only: nothing to execute
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return load_checkpoint_file(path, trust=trust)
+from detr_variants.checkpoint import atomic_torch_save, convert_checkpoint, load_checkpoint_file
 
 
 def main():
@@ -43,9 +33,9 @@ def main():
     parser.add_argument("output")
     args = parser.parse_args()
     converted = convert_checkpoint(
-        load_state_dict(args.input, args.trust_checkpoint), args.source, args.arch
+        load_checkpoint_file(args.input, trust=args.trust_checkpoint), args.source, args.arch
     )
-    torch.save(
+    atomic_torch_save(
         {"model": converted, "__author__": f"{args.source} {args.arch} via detr_variants"},
         args.output,
     )

@@ -3,7 +3,12 @@ converters from official and HF-transformers checkpoints."""
 
 from . import conditional_detr, deformable_detr, smca, tsp  # noqa: F401  (register their converters)
 from .convert import COCO_THING_IDS, convert_checkpoint, register_converter
-from .loading import Checkpointer, CheckpointMismatchError, load_inference_weights
+from .loading import (
+    Checkpointer,
+    CheckpointMismatchError,
+    atomic_torch_save,
+    load_inference_weights,
+)
 from .safe_load import (
     ChecksumError,
     CorruptCheckpointError,
@@ -18,6 +23,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "COCO_THING_IDS",
+    "atomic_torch_save",
     "convert_checkpoint",
     "load_checkpoint_file",
     "load_inference_weights",

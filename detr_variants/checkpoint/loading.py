@@ -117,7 +117,7 @@ class Checkpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -179,6 +179,11 @@ def _iteration(path: str) -> Optional[float]:
     if match is None:
         return None
     return float("inf") if match.group(1) == "final" else int(match.group(1))
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)``, atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write(path: str, write) -> None:
