@@ -412,13 +412,17 @@ def _three_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "fault", ["truncated", "empty model file", "empty last_checkpoint", "missing"]
+    "fault", ["truncated", "bit flip", "empty model file", "empty last_checkpoint", "missing"]
 )
 def test_resume_falls_back_to_the_newest_intact_checkpoint(fault, tmp_path, caplog):
     weights = _three_checkpoints(tmp_path)
     final = tmp_path / "model_final.pth"
     if fault == "truncated":
         final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])
+    elif fault == "bit flip":  # in the weight's bytes: the zip member's CRC no longer matches
+        data = bytearray(final.read_bytes())
+        data[data.index(weights["model_final"].numpy().tobytes())] ^= 0x01
+        final.write_bytes(bytes(data))
     elif fault == "empty model file":
         final.write_bytes(b"")
     elif fault == "empty last_checkpoint":

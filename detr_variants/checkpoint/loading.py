@@ -92,13 +92,15 @@ class Checkpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
-        if self._restoring_state and (incompatible.incorrect_shapes or incompatible.missing_keys):
+        if not (incompatible.incorrect_shapes or incompatible.missing_keys):
+            return incompatible
+        if self._restoring_state:  # the optimizer state would not fit the parameters
             raise CheckpointMismatchError(
                 _mismatch_lines(incompatible)
                 + "\nThe run in this output folder was trained with another model config (e.g. "
                 "model.num_classes); resume with that config, or start in a new train.output_dir."
             )
-        if self.strict and (incompatible.incorrect_shapes or incompatible.missing_keys):
+        if self.strict:
             raise CheckpointMismatchError(
                 _mismatch_lines(incompatible) + "\nA class head of another size means the "
                 "checkpoint was trained for a different number of classes: set "
@@ -148,10 +150,13 @@ class Checkpointer(DetectionCheckpointer):
         else:
             return named
         intact = sorted(
-            (f for f in self.get_all_checkpoint_files() if _iteration(f) is not None),
+            (
+                f
+                for f in self.get_all_checkpoint_files()
+                if _iteration(f) is not None and is_intact(f)
+            ),
             key=_iteration,
         )
-        intact = [f for f in intact if is_intact(f)]
         if not intact:
             raise CorruptCheckpointError(
                 f"Cannot resume: {tag} {problem}, and {self.save_dir} holds no intact "
