@@ -81,6 +81,17 @@ _PICKLE_ALLOWED = {
 }
 
 
+# what reading a damaged pickle or zip archive raises
+_DAMAGED = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError)
+_DAMAGED += (KeyError, IndexError, TypeError)
+
+
+def _corrupt(path: str, error: Exception) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path} is truncated or corrupt ({type(error).__name__}: {error})"
+    )
+
+
 def _refusal(path: str, what: str) -> str:
     return (
         f"Refusing to load {path}: unpickling it needs {what}, which checkpoints do not hold "
@@ -114,8 +125,8 @@ def load_pickle(path: str, *, trust: bool = False) -> Any:
             )
         except UnsafeCheckpointError:
             raise
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
-            raise CorruptCheckpointError(f"{path} is truncated or corrupt: {e}") from e
+        except _DAMAGED as e:
+            raise _corrupt(path, e) from e
 
 
 def load_torch(path: str, *, trust: bool = False) -> Any:
@@ -131,12 +142,12 @@ def load_torch(path: str, *, trust: bool = False) -> Any:
             r"WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)", str(e), re.S
         )
         if detail is None:
-            raise CorruptCheckpointError(f"{path} is truncated or corrupt: {e}") from e
+            raise _corrupt(path, e) from e
         name = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", detail.group(1))
         what = next(filter(None, name.groups())) if name else detail.group(1).rstrip(".")
         raise UnsafeCheckpointError(_refusal(path, what)) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise CorruptCheckpointError(f"{path} is truncated or corrupt: {e}") from e
+    except _DAMAGED as e:
+        raise _corrupt(path, e) from e
 
 
 def is_url(path: str) -> bool:
