@@ -113,3 +113,32 @@ def to_official_detr_names(state_dict, rules, class_rows=91, class_copies=("",))
                     break
             out[name] = value
     return out
+
+
+def distinct_class_heads(state_dict, shared=False, seed=0):
+    """Copy of a release's state dict whose class heads have a different score in every row.
+
+    Every ``class_embed`` weight/bias (keys ``[prefix]class_embed[.<i>].weight|bias``) is replaced
+    by random rows, so a converter that maps a wrong row (or a wrong layer's head) to a class
+    changes that class's score, unlike a test that fills only the unused rows at random. Keys with
+    the same head index (a duplicate such as Deformable DETR's ``transformer.decoder.class_embed``)
+    get the same values; ``shared`` gives every index the same values (heads shared by the layers).
+    Returns the new state dict and ``{index: (weight, bias)}`` (index None without one).
+    """
+    import re
+
+    out, heads = dict(state_dict), {}
+    for name in state_dict:
+        m = re.fullmatch(r"(?:.+\.)?class_embed\.(?:(\d+)\.)?(weight|bias)", name)
+        if not m:
+            continue
+        index = None if shared or m.group(1) is None else int(m.group(1))
+        if index not in heads:
+            g = torch.Generator().manual_seed(seed + (index or 0))
+            rows, dim = state_dict[name[: -len(m.group(2))] + "weight"].shape
+            heads[index] = (
+                torch.randn(rows, dim, generator=g) / dim**0.5,
+                torch.randn(rows, generator=g),
+            )
+        out[name] = heads[index][0 if m.group(2) == "weight" else 1].clone()
+    return out, heads

@@ -4,10 +4,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.structures import ImageList
 
-from detr_variants.checkpoint import convert_checkpoint
+from detr_variants.checkpoint import COCO_THING_IDS, convert_checkpoint
 from detr_variants.engine.train_loop import apply_overrides
 from detr_variants.model_zoo import get_config
-from helpers import image_input, to_official_detr_names
+from helpers import distinct_class_heads, image_input, to_official_detr_names
 
 CONFIGS = [
     "deformable_detr_r50_50ep",
@@ -83,14 +83,14 @@ def test_official_initialisation():
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_model(with_box_refine, two_stage, d_model=64, num_queries=12):
+def _hf_model(with_box_refine, two_stage, d_model=64, num_queries=12, num_labels=6, levels=4):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
     backbone = ResNetConfig(
         depths=[2, 2, 2, 2],
         hidden_sizes=[64, 128, 256, 512],
         layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
+        out_features=["stage2", "stage3", "stage4"] if levels > 1 else ["stage4"],
     )
     cfg = DeformableDetrConfig(
         use_timm_backbone=False,
@@ -105,7 +105,8 @@ def _hf_model(with_box_refine, two_stage, d_model=64, num_queries=12):
         decoder_attention_heads=8,
         num_queries=num_queries,
         two_stage_num_proposals=num_queries,
-        num_labels=6,
+        num_labels=num_labels,
+        num_feature_levels=levels,
         with_box_refine=with_box_refine,
         two_stage=two_stage,
         dropout=0.0,
@@ -124,7 +125,7 @@ def _hf_model(with_box_refine, two_stage, d_model=64, num_queries=12):
     return model
 
 
-def _our_model(with_box_refine, two_stage, hf_cfg):
+def _our_model(with_box_refine, two_stage, hf_cfg, num_classes=None):
     cfg = get_config("deformable_detr/deformable_detr_r18_synthetic")
     d = hf_cfg.d_model
     opts = [
@@ -134,8 +135,14 @@ def _our_model(with_box_refine, two_stage, hf_cfg):
         f"model.hidden_dim={d}",
         f"model.num_queries={hf_cfg.num_queries}",
         f"model.position_embedding.num_pos_feats={d // 2}",
-        f"model.num_classes={hf_cfg.num_labels}",
+        f"model.num_classes={num_classes or hf_cfg.num_labels}",
     ]
+    if hf_cfg.num_feature_levels == 1:
+        opts += [
+            "model.backbone.out_features=[res5]",
+            "model.in_features=[res5]",
+            "model.num_feature_levels=1",
+        ]
     for part in ("encoder", "decoder"):
         opts += [
             f"model.{part}.num_layers=2",
@@ -191,7 +198,18 @@ def _official_names(state_dict):
         (r"^(encoder|decoder)\.", r"transformer.\1."),
         (r"^(level_embed|reference_points|enc_output|pos_trans)", r"transformer.\1"),
     ]
-    return to_official_detr_names(state_dict, rules, class_copies=("", "transformer.decoder."))
+    state_dict = dict(state_dict)
+    proposal = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith("proposal_class_")}
+    out = to_official_detr_names(state_dict, rules, class_copies=("", "transformer.decoder."))
+    # two-stage: the proposal score is column 0 of class head L (after the decoder layers' heads)
+    num_layers = len({k.split(".")[1] for k in state_dict if k.startswith("class_embed.")})
+    for name, value in proposal.items():
+        full = torch.randn(91, *value.shape[1:])
+        full[:1] = value
+        leaf = name.rsplit(".", 1)[1]
+        for prefix in ("", "transformer.decoder."):
+            out[f"{prefix}class_embed.{num_layers}.{leaf}"] = full
+    return out
 
 
 def test_official_converter_round_trip():
@@ -208,3 +226,133 @@ def test_official_converter_round_trip():
     assert set(converted) == set(reference)
     for name, value in reference.items():
         assert torch.equal(converted[name], value), name
+
+
+def _padded_pair(channels=3):
+    """Two images of different sizes (96×112 and 64×128) padded into one batch, and the mask."""
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.zeros(2, channels, 96, 128)
+    pixels[0, :, :96, :112] = torch.randn(channels, 96, 112, generator=g)
+    pixels[1, :, :64, :128] = torch.randn(channels, 64, 128, generator=g)
+    padding = torch.ones(2, 96, 128, dtype=torch.bool)
+    padding[0, :96, :112] = False
+    padding[1, :64, :128] = False
+    return ImageList(pixels, [(96, 112), (64, 128)]), padding
+
+
+def _run_with_internals(model, images, padding):
+    """Outputs plus what the heads saw: the decoder's per-layer outputs, its initial reference
+    (the chosen proposals, two-stage) and the two-stage proposal features."""
+    seen = {}
+    hooks = [model.decoder.register_forward_hook(lambda m, i, o: seen.update(hs=o[0], ref=o[1][0]))]
+    if model.two_stage:
+        hooks.append(
+            model.enc_output_norm.register_forward_hook(lambda m, i, o: seen.update(memory=o))
+        )
+    with torch.no_grad():
+        out = model.compute_outputs(images, padding)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [(name, {}) for name in CONFIGS[:5]]
+    + [("deformable_detr_two_stage_r50_50ep", {"with_box_refine": False})],  # one shared head
+)
+def test_official_converter_maps_every_class_row(name, overrides):
+    """Class heads whose 91 rows all differ: class c must score with official row
+    ``COCO_THING_IDS[c]`` of its layer's head, and two-stage must choose the proposals that the
+    official column-0 ranking of the proposal head (``class_embed[L]``) chooses."""
+    model = small_model(name, **overrides).eval()
+    official, heads = distinct_class_heads(
+        _official_names(model.state_dict()), shared=not model.with_box_refine
+    )
+    incompatible = model.load_state_dict(
+        convert_checkpoint(official, "official", "deformable_detr"), strict=False
+    )
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    out, seen = _run_with_internals(model, *_padded_pair())
+
+    num_layers = len(model.decoder.layers)
+    got = [a["pred_logits"] for a in out["aux_outputs"]] + [out["pred_logits"]]
+    ids = torch.as_tensor(COCO_THING_IDS)
+    for layer in range(num_layers):
+        weight, bias = heads[layer if model.with_box_refine else None]
+        expected = seen["hs"][layer] @ weight[ids].T + bias[ids]
+        assert torch.allclose(got[layer], expected, atol=1e-5), (
+            layer,
+            (got[layer] - expected).abs().max(),
+        )
+
+    if model.two_stage:
+        weight, bias = heads[num_layers if model.with_box_refine else None]
+        scores = seen["memory"] @ weight[0] + bias[0]  # the official ranking: column 0
+        enc = out["enc_outputs"]
+        chosen = scores.topk(model.num_queries, dim=1).indices
+        expected_refs = enc["pred_boxes"].gather(1, chosen[..., None].expand(-1, -1, 4))
+        assert torch.equal(seen["ref"], expected_refs)
+        assert torch.allclose(enc["pred_logits"][..., 0], scores, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "with_box_refine,two_stage,levels",
+    [(False, False, 1), (False, False, 4), (True, False, 4), (True, True, 4)],
+)
+def test_hf_converter_maps_every_class_row(with_box_refine, two_stage, levels):
+    """HF heads of 91 rows indexed by COCO id, every row different (random, perturbed): class c
+    must score as HF's row ``COCO_THING_IDS[c]`` of that layer's head, and two-stage must choose
+    HF's proposals (top-k of column 0 of the proposal head ``class_embed[L]``)."""
+    hf = _hf_model(with_box_refine, two_stage, num_labels=91, levels=levels)
+    ours = _our_model(with_box_refine, two_stage, hf.config, num_classes=80)
+    incompatible = ours.load_state_dict(
+        convert_checkpoint(hf.state_dict(), "hf", "deformable_detr"), strict=False
+    )
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    images, padding = _padded_pair()
+    with torch.no_grad():
+        expected = hf(pixel_values=images.tensor, pixel_mask=(~padding).long())
+        out, seen = _run_with_internals(ours, images, padding)
+        ids = torch.as_tensor(COCO_THING_IDS)
+        got = [a["pred_logits"] for a in out["aux_outputs"]] + [out["pred_logits"]]
+        for layer, logits in enumerate(got):
+            hf_logits = hf.class_embed[layer](expected.intermediate_hidden_states[:, layer])
+            assert torch.allclose(logits, hf_logits[..., ids], atol=1e-4), (
+                layer,
+                (logits - hf_logits[..., ids]).abs().max(),
+            )
+    if two_stage:
+        assert torch.allclose(seen["ref"], expected.init_reference_points, atol=1e-5)
+        assert torch.allclose(
+            out["enc_outputs"]["pred_logits"][..., 0], expected.enc_outputs_class[..., 0], atol=1e-4
+        )
+
+
+def test_encoder_loss_is_class_agnostic():
+    """The proposals' one-logit head gets the official encoder-output losses (``_enc``, the final
+    layer's weights) with every label 0: relabelling the GT changes the decoder's class loss and
+    none of the ``_enc`` losses."""
+    model = small_model("deformable_detr_two_stage_r50_50ep").eval()
+    with torch.no_grad():
+        out = model.compute_outputs(*_padded_pair())
+        assert out["enc_outputs"]["pred_logits"].shape[-1] == 1
+        boxes = [torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4]]), torch.zeros(0, 4)]
+        losses = [
+            model.criterion(
+                out,
+                [
+                    {"labels": torch.tensor(c, dtype=torch.long), "boxes": b}
+                    for c, b in zip(cs, boxes)
+                ],
+            )
+            for cs in ([[3, 17], []], [[40, 2], []])
+        ]
+    assert {k for k in losses[0] if k.endswith("_enc")} == {
+        "loss_class_enc",
+        "loss_bbox_enc",
+        "loss_giou_enc",
+    }
+    assert not torch.isclose(losses[0]["loss_class"], losses[1]["loss_class"])
+    for name in ("loss_class_enc", "loss_bbox_enc", "loss_giou_enc"):
+        assert torch.equal(losses[0][name], losses[1][name]), name

@@ -56,6 +56,25 @@ _HF_LAYER_RULES: List[Tuple[str, str]] = [
 ]
 
 
+def pop_proposal_head(state_dict: StateDict, head: str, layer: str) -> StateDict:
+    """Two-stage releases score proposals with class head ``L`` (after the ``L`` decoder layers'
+    heads): official and HF rank encoder tokens by its column 0 and train it with every label set
+    to 0, so with COCO's 91 rows it is the column of id 0, which no thing class uses. Removes that
+    head from ``state_dict`` and returns its row 0 as our one-logit ``proposal_class_embed``.
+
+    Args:
+        head: the class heads' prefix (``class_embed.``); layer: the decoder layers' prefix.
+    """
+    layers = {k[len(layer) :].split(".")[0] for k in state_dict if k.startswith(layer)}
+    out: StateDict = {}
+    for leaf in ("weight", "bias"):
+        key = f"{head}{len(layers)}.{leaf}"
+        if key not in state_dict:
+            raise KeyError(f"two-stage checkpoint without its proposal head {key}")
+        out[f"proposal_class_embed.{leaf}"] = state_dict.pop(key)[:1]
+    return out
+
+
 def _rename(name: str, rules: List[Tuple[str, str]]):
     for pattern, repl in rules:
         new, n = re.subn(pattern, repl, name)
@@ -67,15 +86,20 @@ def _rename(name: str, rules: List[Tuple[str, str]]):
 @register_converter("official", "deformable_detr")
 def convert_official(state_dict: StateDict) -> StateDict:
     """Official names: torchvision ResNet under ``backbone.0.body``, ``transformer.*``, heads at the
-    top, 91-way class heads. ``transformer.decoder.class_embed`` duplicates ``class_embed`` and is
-    dropped (our decoder holds only the box heads it refines with)."""
-    return convert_official_detr_layout(
+    top, 91-way class heads (80 thing rows kept; two-stage: see :func:`pop_proposal_head`).
+    ``transformer.decoder.class_embed`` duplicates ``class_embed`` and is dropped (our decoder holds
+    only the box heads it refines with)."""
+    proposal = {}
+    if "transformer.enc_output.weight" in state_dict:
+        proposal = pop_proposal_head(state_dict, "class_embed.", "transformer.decoder.layers.")
+    out = convert_official_detr_layout(
         state_dict,
         _OFFICIAL_LAYERS,
         _OFFICIAL_KEEP,
         "official Deformable DETR",
         skip=("transformer.decoder.class_embed.",),
     )
+    return {**out, **proposal}
 
 
 @register_converter("hf", "deformable_detr")
@@ -84,8 +108,11 @@ def convert_hf(state_dict: StateDict) -> StateDict:
     the timm ResNet of the hub checkpoints, current or legacy (``fc1``, ``out_proj``) layer names.
     The decoder self-attention's separate q/k/v projections are packed into
     ``nn.MultiheadAttention``'s ``in_proj``; ``model.decoder.class_embed`` duplicates
-    ``class_embed`` and is dropped."""
+    ``class_embed`` and is dropped. Class heads as the official ones (91 rows indexed by COCO id →
+    80; two-stage: see :func:`pop_proposal_head`)."""
     out: StateDict = {}
+    if "model.enc_output.weight" in state_dict:
+        out.update(pop_proposal_head(state_dict, "class_embed.", "model.decoder.layers."))
     qkv: Dict[str, Dict[str, torch.Tensor]] = {}
     for name, value in state_dict.items():
         m = re.match(

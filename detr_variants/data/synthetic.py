@@ -1,38 +1,33 @@
-"""``synthetic_shapes``: a small, seed-generated detection dataset in COCO format.
+"""``synthetic_shapes``: small, seed-generated detection datasets in COCO format.
 
-Six shape classes drawn with random colours, sizes and rotations on cluttered
-backgrounds (gradients, noise, thin lines and small blobs that are not objects).
-It is small enough to train a DETR variant for a few minutes on 2 CPU cores and
-hard enough that COCO AP separates a good detector from a poor one.
+A :class:`ShapesSpec` says what to generate (classes and their category ids, image counts and
+sizes, object sizes and counts, clutter, the fractions of grayscale, crowd and empty images, the
+seed); :data:`SYNTHETIC_SHAPES` is the default, small enough to train a DETR variant for a few
+minutes on 2 CPU cores and hard enough that COCO AP separates a good detector from a poor one.
+Its annotations carry what COCO's carry: a polygon ``segmentation`` per shape, some ``iscrowd``
+regions with uncompressed RLE masks, category ids with gaps, images without objects, and some
+grayscale JPEGs. Another dataset is a few lines, e.g.
+``register_synthetic_shapes(spec=dataclasses.replace(SYNTHETIC_SHAPES, name="big", ...))``.
 
 The data is generated on first use (not at import or registration time) into
-``$DETR_VARIANTS_DATASETS/synthetic_shapes`` (default root:
-``~/.cache/detr_variants``)::
+``$DETR_VARIANTS_DATASETS/<spec.name>`` (default root: ``~/.cache/detr_variants``)::
 
-    <dir>/VERSION                  fingerprint of the generator parameters
+    <dir>/VERSION                  fingerprint of the generator and the spec
     <dir>/train/000000.jpg ...
     <dir>/val/000000.jpg ...
     <dir>/annotations/{train,val}.json
 
-A changed fingerprint (generator version, sizes or seed) regenerates the
-directory. Generation happens under a file lock into a temporary directory that
-is renamed into place, so concurrent processes never see a partial dataset.
-
-Evaluator path: the registered metadata exposes ``json_file`` as a property
-that calls :func:`ensure_generated`, so ``COCOEvaluator(name, ...)`` works even
-before the first ``DatasetCatalog.get(name)``.
+A changed fingerprint regenerates the directory (see :mod:`.dataset_cache`). The registered
+metadata exposes ``json_file`` as a property that generates the data, so
+``COCOEvaluator(name, ...)`` works even before the first ``DatasetCatalog.get(name)``.
 """
 
-import fcntl
+import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import cv2
@@ -41,13 +36,17 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets.coco import load_coco_json
 
+from . import shapes_render
+from .dataset_cache import build_once
+from .shapes_render import SHAPES, render_image
+
 __all__ = [
+    "ShapesSpec",
+    "SYNTHETIC_SHAPES",
     "SYNTHETIC_CLASSES",
-    "NUM_TRAIN_IMAGES",
-    "NUM_VAL_IMAGES",
-    "DEFAULT_SEED",
     "SPLITS",
     "dataset_dir",
+    "mask_to_rle",
     "generate_synthetic_shapes",
     "ensure_generated",
     "register_synthetic_shapes",
@@ -55,40 +54,95 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_CLASSES = ("circle", "square", "triangle", "star", "ring", "cross")
-NUM_TRAIN_IMAGES = 2000
-NUM_VAL_IMAGES = 250
-DEFAULT_SEED = 0
-# Registered dataset name -> split directory / json stem.
-SPLITS = {"synthetic_shapes_train": "train", "synthetic_shapes_val": "val"}
-
-# Bump whenever the rendering below changes, so cached datasets are regenerated.
-_GENERATOR_VERSION = 1
+# Bump whenever the rendering or the written files change, so cached datasets are regenerated.
+_GENERATOR_VERSION = 2
 _ENV_ROOT = "DETR_VARIANTS_DATASETS"
 _DEFAULT_ROOT = os.path.join("~", ".cache", "detr_variants")
-_DIR_NAME = "synthetic_shapes"
+SPLITS = ("train", "val")
 _SPLIT_IDS = {"train": 0, "val": 1}  # part of each image's RNG seed
-
-_IMAGE_SIZE_RANGE = (224, 320)  # width and height, each uniform, inclusive
-_MAX_OBJECTS = 8
-_EMPTY_IMAGE_PROB = 0.02  # train only: exercises zero-GT handling
-# sqrt(box area) ranges for COCO's small / medium / large buckets (32 and 96 px).
-_SIDE_RANGES = ((10, 31), (33, 95), (97, 150))
-# Sampling probabilities per bucket; large objects are dropped more often when
-# they do not fit, so they are over-sampled to end near 30/45/25 %.
-_SIZE_PROBS = (0.30, 0.45, 0.25)
-_MAX_IOU = 0.3
-_MIN_VISIBLE = 0.5  # fraction of an object that later objects must leave visible
-_PLACEMENT_TRIES = 25
-_MIN_COLOUR_DIST = 90.0  # L2 in RGB between an object and what lies beneath it
 _JPEG_QUALITY = 90
 
 
-# ----------------------------------------------------------------------------
-# Paths and fingerprint
-# ----------------------------------------------------------------------------
-def dataset_dir(root: Optional[str] = None) -> str:
-    """Returns the dataset directory.
+@dataclasses.dataclass(frozen=True)
+class ShapesSpec:
+    """Everything that decides a generated dataset's content.
+
+    Attributes:
+        name: directory name, and the registered datasets ``<name>_train`` / ``<name>_val``.
+        classes: shape names (from ``shapes_render.SHAPES``), one class each.
+        category_ids: the COCO category id of each class, increasing (gaps allowed, as COCO's
+            1..90: detectron2 maps them to contiguous ids and ``COCOEvaluator`` maps back).
+        num_train, num_val: images per split.
+        seed: generation seed.
+        image_size: ``(lo, hi)``: width and height are each uniform in it, inclusive.
+        min_objects, max_objects: shapes attempted per image (some are dropped when crowded).
+        side_ranges: sqrt(box area) ranges of the size buckets, pixels.
+        size_probs: sampling probability of each bucket.
+        clutter: scales the number of non-object lines and blobs (0: none).
+        empty_fraction: probability of an image without objects.
+        grayscale_fraction: probability of a grayscale (single-channel) JPEG.
+        crowd_fraction: probability of a crowd region (a cluster of tiny shapes, ``iscrowd``).
+    """
+
+    name: str = "synthetic_shapes"
+    classes: Tuple[str, ...] = SHAPES
+    category_ids: Tuple[int, ...] = (1, 3, 4, 7, 9, 12)
+    num_train: int = 2000
+    num_val: int = 250
+    seed: int = 0
+    image_size: Tuple[int, int] = (224, 320)
+    min_objects: int = 1
+    max_objects: int = 8
+    # COCO's small / medium / large buckets (32 and 96 px); large objects are dropped more
+    # often when they do not fit, so they are over-sampled to end near 30/45/25 %.
+    side_ranges: Tuple[Tuple[float, float], ...] = ((10, 31), (33, 95), (97, 150))
+    size_probs: Tuple[float, ...] = (0.30, 0.45, 0.25)
+    clutter: float = 1.0
+    empty_fraction: float = 0.02
+    grayscale_fraction: float = 0.03
+    crowd_fraction: float = 0.05
+
+    def __post_init__(self):
+        problems = []
+        if not set(self.classes) <= set(SHAPES):
+            problems.append(f"classes must be among {SHAPES}")
+        if len(self.category_ids) != len(self.classes):
+            problems.append("one category id per class")
+        if list(self.category_ids) != sorted(set(self.category_ids)) or min(self.category_ids) < 1:
+            problems.append("category ids must be increasing and positive")
+        if len(self.side_ranges) != len(self.size_probs) or abs(sum(self.size_probs) - 1) > 1e-6:
+            problems.append("size_probs: one per side range, summing to 1")
+        if not 1 <= self.image_size[0] <= self.image_size[1]:
+            problems.append("image_size must be (lo, hi) with 1 <= lo <= hi")
+        if not 0 <= self.min_objects <= self.max_objects:
+            problems.append("need 0 <= min_objects <= max_objects")
+        for f in ("clutter", "empty_fraction", "grayscale_fraction", "crowd_fraction"):
+            if not 0 <= getattr(self, f) <= (10 if f == "clutter" else 1):
+                problems.append(f"{f} out of range")
+        if problems:
+            raise ValueError(f"Invalid ShapesSpec {self.name!r}: " + "; ".join(problems))
+
+    def fingerprint(self) -> str:
+        """Hashes the spec, the generator version and the renderer's constants."""
+        params = {
+            "version": _GENERATOR_VERSION,
+            "spec": dataclasses.asdict(self),
+            "jpeg_quality": _JPEG_QUALITY,
+            "render": {
+                k: getattr(shapes_render, k)
+                for k in dir(shapes_render)
+                if k.isupper() and isinstance(getattr(shapes_render, k), (int, float, tuple))
+            },
+        }
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SYNTHETIC_SHAPES = ShapesSpec()
+SYNTHETIC_CLASSES = SYNTHETIC_SHAPES.classes
+
+
+def dataset_dir(root: Optional[str] = None, spec: ShapesSpec = SYNTHETIC_SHAPES) -> str:
+    """Returns the dataset directory of ``spec``.
 
     Args:
         root: datasets root; ``None`` means ``$DETR_VARIANTS_DATASETS`` or
@@ -96,293 +150,70 @@ def dataset_dir(root: Optional[str] = None) -> str:
     """
     if root is None:
         root = os.environ.get(_ENV_ROOT) or _DEFAULT_ROOT
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), _DIR_NAME)
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), spec.name)
 
 
-def _fingerprint(num_train: int, num_val: int, seed: int) -> str:
-    """Hashes every parameter that changes the generated bytes."""
-    params = {
-        "version": _GENERATOR_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "seed": seed,
-        "classes": SYNTHETIC_CLASSES,
-        "image_size": _IMAGE_SIZE_RANGE,
-        "max_objects": _MAX_OBJECTS,
-        "empty_prob": _EMPTY_IMAGE_PROB,
-        "sides": _SIDE_RANGES,
-        "size_probs": _SIZE_PROBS,
-        "max_iou": _MAX_IOU,
-        "min_visible": _MIN_VISIBLE,
-        "tries": _PLACEMENT_TRIES,
-        "colour_dist": _MIN_COLOUR_DIST,
-        "jpeg_quality": _JPEG_QUALITY,
+def mask_to_rle(mask: np.ndarray) -> Dict:
+    """COCO's uncompressed RLE of a bool mask (column-major runs, starting with zeros), as COCO
+    stores crowd regions."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"counts": counts, "size": list(mask.shape)}
+
+
+def _annotation(obj: Dict, spec: ShapesSpec, image_id: int, ann_id: int) -> Dict:
+    x, y, bw, bh = obj["bbox"]
+    ann = {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": spec.category_ids[obj["category"]],
+        "bbox": [x, y, bw, bh],
+        # Box area: COCOeval buckets small/medium/large by this field, and the spec's side
+        # ranges are box sizes.
+        "area": bw * bh,
+        "iscrowd": int("mask" in obj),
     }
-    blob = json.dumps(params, sort_keys=True).encode()
-    return hashlib.sha1(blob).hexdigest()[:16]
+    if "mask" in obj:
+        ann["segmentation"] = mask_to_rle(obj["mask"])
+    else:
+        ann["segmentation"] = [np.round(obj["polygon"], 2).ravel().tolist()]
+    return ann
 
 
-def _read_fingerprint(out_dir: str) -> Optional[str]:
-    try:
-        with open(os.path.join(out_dir, "VERSION")) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-# ----------------------------------------------------------------------------
-# Rendering
-# ----------------------------------------------------------------------------
-def _unit_outline(name: str, rng: np.random.Generator) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Returns ``(outer, hole)`` polygons of a shape with radius ~1 around 0."""
-    if name in ("circle", "ring"):
-        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-        circle = np.stack([np.cos(t), np.sin(t)], axis=1)
-        hole = circle * rng.uniform(0.45, 0.65) if name == "ring" else None
-        return circle, hole
-    if name == "square":
-        return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64), None
-    if name == "triangle":
-        t = np.deg2rad([90.0, 210.0, 330.0])
-        return np.stack([np.cos(t), np.sin(t)], axis=1), None
-    if name == "star":
-        t = np.pi / 2 + np.arange(10) * np.pi / 5
-        r = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
-        return np.stack([r * np.cos(t), r * np.sin(t)], axis=1), None
-    if name == "cross":
-        a = rng.uniform(0.25, 0.38)  # half width of an arm
-        pts = [
-            (-a, -1),
-            (a, -1),
-            (a, -a),
-            (1, -a),
-            (1, a),
-            (a, a),
-            (a, 1),
-            (-a, 1),
-            (-a, a),
-            (-1, a),
-            (-1, -a),
-            (-a, -a),
-        ]
-        return np.array(pts, dtype=np.float64), None
-    raise ValueError(f"Unknown shape {name!r}")
-
-
-def _shape_mask(name: str, side: float, max_wh: Tuple[int, int], rng) -> Optional[np.ndarray]:
-    """Rasterizes a randomly deformed and rotated shape.
-
-    Args:
-        name: class name.
-        side: target sqrt(area) of the shape's bounding box, in pixels.
-        max_wh: the mask may not be wider / taller than this.
-
-    Returns:
-        A bool mask cropped tightly to the shape, or None if it came out empty.
-    """
-    outer, hole = _unit_outline(name, rng)
-    theta = rng.uniform(0, 2 * np.pi)
-    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    # Mild aspect jitter so that shapes are not all perfectly regular.
-    linear = rot @ np.diag([1.0, rng.uniform(0.85, 1.18)])
-    outer = outer @ linear.T
-    w0, h0 = np.ptp(outer, axis=0)
-    scale = min(side / math.sqrt(w0 * h0), max_wh[0] / w0, max_wh[1] / h0)
-    origin = outer.min(axis=0) * scale - 1.0  # 1 px margin for rasterization
-    size_w, size_h = (np.ceil(np.array([w0, h0]) * scale) + 3).astype(int)
-    mask = np.zeros((size_h, size_w), dtype=np.uint8)
-
-    def fill(poly, value):
-        # 4 fractional bits of sub-pixel precision.
-        pts = np.round((poly * scale - origin) * 16).astype(np.int32)
-        cv2.fillPoly(mask, [pts], value, lineType=cv2.LINE_8, shift=4)
-
-    fill(outer, 1)
-    if hole is not None:
-        fill(hole @ linear.T, 0)
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(bool)
-
-
-def _random_colour(rng) -> np.ndarray:
-    return rng.uniform(0, 255, size=3)
-
-
-def _background(rng, h: int, w: int) -> np.ndarray:
-    """Linear two-colour gradient plus non-object clutter (lines, small blobs)."""
-    c0, c1 = _random_colour(rng), _random_colour(rng)
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.arange(w, dtype=np.float32)[None, :] * np.cos(angle) + np.arange(h, dtype=np.float32)[
-        :, None
-    ] * np.sin(angle)
-    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
-    img = c0.astype(np.float32) + t[..., None] * (c1 - c0).astype(np.float32)
-
-    def clutter_colour():
-        # Half the clutter uses object-like colours so that colour alone does
-        # not identify objects.
-        if rng.random() < 0.5:
-            return tuple(float(c) for c in _random_colour(rng))
-        return tuple(float(c) for c in np.clip(c0 + rng.uniform(-50, 50, 3), 0, 255))
-
-    for _ in range(rng.integers(2, 9)):
-        p0 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-        cv2.line(img, p0, p1, clutter_colour(), int(rng.integers(1, 3)), cv2.LINE_AA)
-    for _ in range(rng.integers(2, 11)):
-        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-        axes = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
-        cv2.ellipse(
-            img, centre, axes, float(rng.uniform(0, 180)), 0, 360, clutter_colour(), -1, cv2.LINE_AA
-        )
-    return img
-
-
-def _box_iou(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]) -> float:
-    """IoU of two XYWH boxes."""
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
-def _place(mask, owner, boxes, full_areas, rng) -> Optional[Tuple[int, int]]:
-    """Finds a top-left corner for ``mask`` that respects the overlap limits.
-
-    Returns:
-        ``(x0, y0)`` or None when no valid position was found.
-    """
-    h_img, w_img = owner.shape
-    h, w = mask.shape
-    if w > w_img - 2 or h > h_img - 2:
-        return None
-    # Pixels each earlier object currently shows (unchanged while we search).
-    visible = np.bincount(owner.ravel() + 1, minlength=len(boxes) + 1)[1:]
-    min_visible = _MIN_VISIBLE * np.asarray(full_areas, dtype=np.float64)
-    for _ in range(_PLACEMENT_TRIES):
-        x0 = int(rng.integers(1, w_img - w))
-        y0 = int(rng.integers(1, h_img - h))
-        box = (x0, y0, w, h)
-        if any(_box_iou(box, b) > _MAX_IOU for b in boxes):
-            continue
-        # Pixels of each earlier object that this one would newly cover.
-        covered = np.bincount(owner[y0 : y0 + h, x0 : x0 + w][mask] + 1, minlength=len(boxes) + 1)[
-            1:
-        ]
-        if np.all(visible - covered >= min_visible):
-            return x0, y0
-    return None
-
-
-def _paint(img, mask, x0, y0, rng) -> None:
-    """Paints a shaded object colour that contrasts with what lies beneath it."""
-    h, w = mask.shape
-    region = img[y0 : y0 + h, x0 : x0 + w]
-    under = region[mask].mean(axis=0)
-    colour = _random_colour(rng)
-    for _ in range(20):
-        if np.linalg.norm(colour - under) >= _MIN_COLOUR_DIST:
-            break
-        colour = _random_colour(rng)
-    # A soft linear shading keeps objects from being perfectly flat.
-    amp = rng.uniform(0.0, 0.25)
-    ang = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    proj = (xx - w / 2) * np.cos(ang) + (yy - h / 2) * np.sin(ang)
-    shade = 1.0 + amp * proj / max(w, h)
-    region[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0, 255)
-
-
-def render_image(rng: np.random.Generator, allow_empty: bool) -> Tuple[np.ndarray, List[dict]]:
-    """Renders one image.
-
-    Args:
-        rng: the image's own random generator.
-        allow_empty: whether the image may (rarely) contain no object.
-
-    Returns:
-        ``(image, objects)``: a uint8 HxWx3 image and a list of
-        ``{"category": index into SYNTHETIC_CLASSES, "bbox": [x, y, w, h]}``
-        with the tight integer box of each drawn shape.
-    """
-    w = int(rng.integers(_IMAGE_SIZE_RANGE[0], _IMAGE_SIZE_RANGE[1] + 1))
-    h = int(rng.integers(_IMAGE_SIZE_RANGE[0], _IMAGE_SIZE_RANGE[1] + 1))
-    img = _background(rng, h, w)
-    empty = allow_empty and rng.random() < _EMPTY_IMAGE_PROB
-    num = 0 if empty else int(rng.integers(1, _MAX_OBJECTS + 1))
-
-    owner = np.full((h, w), -1, dtype=np.int64)  # index of the topmost object
-    boxes, full_areas, objects = [], [], []
-    for _ in range(num):
-        cls = int(rng.integers(len(SYNTHETIC_CLASSES)))
-        lo, hi = _SIDE_RANGES[rng.choice(len(_SIDE_RANGES), p=_SIZE_PROBS)]
-        mask = _shape_mask(SYNTHETIC_CLASSES[cls], rng.uniform(lo, hi), (w - 4, h - 4), rng)
-        if mask is None:
-            continue
-        pos = _place(mask, owner, boxes, full_areas, rng)
-        if pos is None:
-            continue  # dropped: too crowded for this shape
-        x0, y0 = pos
-        _paint(img, mask, x0, y0, rng)
-        owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] = len(boxes)
-        box = (x0, y0, mask.shape[1], mask.shape[0])
-        boxes.append(box)
-        full_areas.append(int(mask.sum()))
-        objects.append({"category": cls, "bbox": list(box)})
-
-    if rng.random() < 0.3:
-        img = cv2.GaussianBlur(img, (3, 3), 0)  # softer edges, as in real photos
-    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(3.0, 10.0))
-    np.clip(img + 0.5, 0, 255, out=img)  # +0.5: round when truncating to uint8
-    return img.astype(np.uint8), objects
-
-
-# ----------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------
-def _write_split(out_dir: str, split: str, num_images: int, seed: int, fingerprint: str) -> int:
-    """Renders and writes one split's images and COCO json; returns #objects."""
+def _write_split(out_dir: str, split: str, spec: ShapesSpec) -> int:
+    """Renders and writes one split's images and COCO json; returns #annotations."""
     os.makedirs(os.path.join(out_dir, split))
     images, annotations = [], []
-    for i in range(num_images):
+    for i in range(spec.num_train if split == "train" else spec.num_val):
         # One generator per image: the content of image i does not depend on
         # how many images there are or in which order they are rendered.
-        rng = np.random.default_rng([seed, _SPLIT_IDS[split], i])
-        img, objects = render_image(rng, allow_empty=(split == "train"))
+        rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], i])
+        img, objects = render_image(spec, rng)
         file_name = f"{i:06d}.jpg"
-        ok = cv2.imwrite(
-            os.path.join(out_dir, split, file_name), img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY]
-        )
-        if not ok:
-            raise OSError(f"Could not write {file_name} under {out_dir}")
+        path = os.path.join(out_dir, split, file_name)
+        if not cv2.imwrite(path, img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY]):
+            raise OSError(f"Could not write {path}")
         image_id = i + 1
         images.append(
             {"id": image_id, "file_name": file_name, "height": img.shape[0], "width": img.shape[1]}
         )
         for obj in objects:
-            x, y, bw, bh = obj["bbox"]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": obj["category"] + 1,
-                    "bbox": [x, y, bw, bh],
-                    # Box area: COCOeval buckets small/medium/large by this field.
-                    "area": bw * bh,
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append(_annotation(obj, spec, image_id, len(annotations) + 1))
     coco = {
-        "info": {"description": f"synthetic_shapes {split}", "version": fingerprint, "seed": seed},
+        "info": {
+            "description": f"{spec.name} {split}",
+            "version": spec.fingerprint(),
+            "seed": spec.seed,
+        },
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": i + 1, "name": n, "supercategory": "shape"}
-            for i, n in enumerate(SYNTHETIC_CLASSES)
+            {"id": cid, "name": n, "supercategory": "shape"}
+            for cid, n in zip(spec.category_ids, spec.classes)
         ],
     }
     with open(os.path.join(out_dir, "annotations", f"{split}.json"), "w") as f:
@@ -390,160 +221,104 @@ def _write_split(out_dir: str, split: str, num_images: int, seed: int, fingerpri
     return len(annotations)
 
 
-@contextmanager
-def _file_lock(path: str):
-    """Exclusive advisory lock across processes (released on exit or crash)."""
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _swap_into_place(tmp_dir: str, out_dir: str) -> None:
-    """Atomically replaces ``out_dir`` (if any) by the finished ``tmp_dir``."""
-    stale = None
-    if os.path.exists(out_dir):
-        stale = tempfile.mkdtemp(
-            prefix=os.path.basename(out_dir) + ".stale-", dir=os.path.dirname(out_dir)
-        )
-        stale = os.path.join(stale, "old")
-        os.rename(out_dir, stale)
-    os.rename(tmp_dir, out_dir)
-    if stale is not None:
-        shutil.rmtree(os.path.dirname(stale), ignore_errors=True)
-
-
 def generate_synthetic_shapes(
-    out_dir: str,
-    num_train: int = NUM_TRAIN_IMAGES,
-    num_val: int = NUM_VAL_IMAGES,
-    seed: int = DEFAULT_SEED,
+    out_dir: str, spec: ShapesSpec = SYNTHETIC_SHAPES, **overrides
 ) -> str:
-    """Generates the dataset into ``out_dir`` unless it is already there.
+    """Generates ``spec``'s dataset into ``out_dir`` unless it is already there.
 
-    Safe to call from several processes at once: one generates under a file
-    lock into a temporary sibling directory that is renamed into place, the
-    others wait and reuse it. A directory made with other parameters (or an
-    older generator) is replaced.
+    Safe to call from several processes at once (see :func:`.dataset_cache.build_once`).
 
     Args:
         out_dir: dataset directory (see the module docstring for its layout).
-        num_train: number of training images.
-        num_val: number of validation images.
-        seed: generation seed.
+        spec: what to generate.
+        overrides: ``ShapesSpec`` fields replacing ``spec``'s, e.g. ``num_train=16``.
 
     Returns:
         ``out_dir`` as an absolute path.
     """
+    spec = dataclasses.replace(spec, **overrides)
     out_dir = os.path.abspath(out_dir)
-    fingerprint = _fingerprint(num_train, num_val, seed)
-    if _read_fingerprint(out_dir) == fingerprint:
-        return out_dir  # VERSION is written last, so the directory is complete
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(out_dir + ".lock"):
-        if _read_fingerprint(out_dir) == fingerprint:
-            return out_dir  # another process finished it while we waited
-        start = time.perf_counter()
-        tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-        try:
-            os.makedirs(os.path.join(tmp_dir, "annotations"))
-            num_objects = sum(
-                _write_split(tmp_dir, split, n, seed, fingerprint)
-                for split, n in (("train", num_train), ("val", num_val))
-            )
-            with open(os.path.join(tmp_dir, "VERSION"), "w") as f:
-                f.write(fingerprint + "\n")
-            _swap_into_place(tmp_dir, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-    logger.info(
-        f"Generated synthetic_shapes in {out_dir}: {num_train} train + {num_val} val images, "
-        f"{num_objects} objects, seed {seed}, in {time.perf_counter() - start:.1f} s."
-    )
+    start = time.perf_counter()
+
+    def build(tmp_dir):
+        os.makedirs(os.path.join(tmp_dir, "annotations"))
+        num = sum(_write_split(tmp_dir, split, spec) for split in SPLITS)
+        logger.info(
+            f"Generated {spec.name} in {out_dir}: {spec.num_train} train + {spec.num_val} val "
+            f"images, {num} annotations, seed {spec.seed}, in {time.perf_counter() - start:.1f} s."
+        )
+
+    build_once(out_dir, spec.fingerprint(), build)
     return out_dir
 
 
-# ----------------------------------------------------------------------------
-# Detectron2 registration
-# ----------------------------------------------------------------------------
-class _SyntheticShapesMetadata(Metadata):
+def ensure_generated(split: str, root: Optional[str] = None, spec=SYNTHETIC_SHAPES) -> str:
+    """Generates ``spec``'s dataset if needed and returns the split's COCO json path."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}")
+    out_dir = generate_synthetic_shapes(dataset_dir(root, spec), spec)
+    return os.path.join(out_dir, "annotations", f"{split}.json")
+
+
+class _ShapesMetadata(Metadata):
     """Metadata whose paths resolve lazily; reading ``json_file`` generates the data.
 
-    This lets ``COCOEvaluator`` (which opens ``json_file`` in its constructor)
-    work before anything has called ``DatasetCatalog.get``. Note that
-    ``as_dict()`` does not list the two path properties.
+    This lets ``COCOEvaluator`` (which opens ``json_file`` in its constructor) work before
+    anything has called ``DatasetCatalog.get``. ``as_dict()`` does not list the two paths.
     """
 
     @property
     def json_file(self) -> str:
-        ensure_generated(self.split, self.dataset_root, **self.generator_kwargs)
-        return os.path.join(dataset_dir(self.dataset_root), "annotations", f"{self.split}.json")
+        return ensure_generated(self.split, self.dataset_root, self.spec)
 
     @property
     def image_root(self) -> str:
-        return os.path.join(dataset_dir(self.dataset_root), self.split)
+        return os.path.join(dataset_dir(self.dataset_root, self.spec), self.split)
 
 
-def ensure_generated(split: str, root: Optional[str] = None, **generator_kwargs) -> str:
-    """Generates the dataset if needed and returns the split's COCO json path.
-
-    Args:
-        split: "train" or "val".
-        root: datasets root, as in :func:`dataset_dir`.
-        generator_kwargs: ``num_train``, ``num_val``, ``seed`` overrides.
-    """
-    if split not in _SPLIT_IDS:
-        raise ValueError(f"Unknown split {split!r}; expected one of {sorted(_SPLIT_IDS)}")
-    out_dir = generate_synthetic_shapes(dataset_dir(root), **generator_kwargs)
-    return os.path.join(out_dir, "annotations", f"{split}.json")
-
-
-def _load_split(name: str, split: str, root: Optional[str], generator_kwargs: Dict) -> List[dict]:
-    json_file = ensure_generated(split, root, **generator_kwargs)
+def _load_split(name: str, split: str, root: Optional[str], spec: ShapesSpec) -> List[dict]:
+    json_file = ensure_generated(split, root, spec)
     image_root = os.path.join(os.path.dirname(os.path.dirname(json_file)), split)
     return load_coco_json(json_file, image_root, name)
 
 
-_registered: Dict[str, tuple] = {}  # dataset name -> (root, generator kwargs)
+_registered: Dict[str, tuple] = {}  # dataset name -> (root, spec)
 
 
-def register_synthetic_shapes(root: Optional[str] = None, **generator_kwargs) -> None:
-    """Registers ``synthetic_shapes_train`` / ``synthetic_shapes_val``.
+def register_synthetic_shapes(
+    root: Optional[str] = None, spec: ShapesSpec = SYNTHETIC_SHAPES, **overrides
+) -> None:
+    """Registers ``<spec.name>_train`` / ``<spec.name>_val`` (COCO format, ``load_coco_json``).
 
-    Cheap: nothing is generated until the data (or the metadata's
-    ``json_file``) is first used. Calling it again with the same arguments is a
-    no-op; with other arguments it replaces the earlier registration.
+    Cheap: nothing is generated until the data (or the metadata's ``json_file``) is first used.
+    Calling it again with the same arguments is a no-op; with others it replaces the earlier
+    registration.
 
     Args:
         root: datasets root; ``None`` resolves ``$DETR_VARIANTS_DATASETS`` (or
             ``~/.cache/detr_variants``) at use time.
-        generator_kwargs: optional ``num_train``, ``num_val``, ``seed`` (tests
-            use small datasets); defaults give the standard dataset.
+        spec: the dataset; the default is ``synthetic_shapes``.
+        overrides: ``ShapesSpec`` fields replacing ``spec``'s (tests use small datasets).
     """
-    key = (root, tuple(sorted(generator_kwargs.items())))
-    for name, split in SPLITS.items():
-        if _registered.get(name) == key and name in DatasetCatalog:
+    spec = dataclasses.replace(spec, **overrides)
+    for split in SPLITS:
+        name = f"{spec.name}_{split}"
+        if _registered.get(name) == (root, spec) and name in DatasetCatalog:
             continue
         if name in DatasetCatalog:
             DatasetCatalog.remove(name)
         if name in MetadataCatalog:
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name, lambda n=name, s=split: _load_split(n, s, root, dict(generator_kwargs))
-        )
-        MetadataCatalog[name] = _SyntheticShapesMetadata(name=name)
+        DatasetCatalog.register(name, lambda n=name, s=split: _load_split(n, s, root, spec))
+        MetadataCatalog[name] = _ShapesMetadata(name=name)
         MetadataCatalog.get(name).set(
             split=split,
             dataset_root=root,
-            generator_kwargs=dict(generator_kwargs),
+            spec=spec,
             evaluator_type="coco",
-            # Lists / dict exactly as load_coco_json computes them, since
+            # Exactly as load_coco_json computes them (classes in category-id order), since
             # detectron2 metadata refuses to be set to a different value.
-            thing_classes=list(SYNTHETIC_CLASSES),
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SYNTHETIC_CLASSES))},
+            thing_classes=list(spec.classes),
+            thing_dataset_id_to_contiguous_id={c: i for i, c in enumerate(spec.category_ids)},
         )
-        _registered[name] = key
+        _registered[name] = (root, spec)

@@ -6,6 +6,26 @@ import numpy as np
 from detectron2.data import transforms as T
 
 
+class ResizeShortestEdge(T.ResizeShortestEdge):
+    """detectron2's ``ResizeShortestEdge``, but no side is rounded down to 0 pixels.
+
+    With ``max_size``, an image as thin as 1x3000 would be resized to 0x373 and crash inside
+    the transform; here its thin side keeps at least one pixel.
+    """
+
+    def get_transform(self, image) -> T.Transform:
+        transform = super().get_transform(image)
+        if isinstance(transform, T.ResizeTransform) and min(transform.new_h, transform.new_w) < 1:
+            transform = T.ResizeTransform(
+                transform.h,
+                transform.w,
+                max(transform.new_h, 1),
+                max(transform.new_w, 1),
+                transform.interp,
+            )
+        return transform
+
+
 class RandomChoice(T.Augmentation):
     """Applies one of several augmentation lists, chosen uniformly at random."""
 
@@ -28,14 +48,14 @@ def detr_train_augmentations(
 ) -> List[T.Augmentation]:
     """Horizontal flip, then with equal chance either a multi-scale resize, or
     resize → random crop → multi-scale resize (the official ``make_coco_transforms``)."""
-    resize = T.ResizeShortestEdge(list(min_sizes), max_size, sample_style="choice")
+    resize = ResizeShortestEdge(list(min_sizes), max_size, sample_style="choice")
     return [
         T.RandomFlip(horizontal=True),
         RandomChoice(
             [
                 [resize],
                 [
-                    T.ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
+                    ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
                     T.RandomCrop("absolute_range", tuple(crop_size)),
                     resize,
                 ],
@@ -46,4 +66,4 @@ def detr_train_augmentations(
 
 def detr_test_augmentations(min_size: int = 800, max_size: int = 1333) -> List[T.Augmentation]:
     """Shortest edge ``min_size``, longest at most ``max_size``."""
-    return [T.ResizeShortestEdge(min_size, max_size)]
+    return [ResizeShortestEdge(min_size, max_size)]

@@ -27,8 +27,10 @@ class SetCriterion(nn.Module):
     """Hungarian-matched class, L1 and GIoU losses, for the final and every auxiliary output.
 
     Loss weights live here, not in configs: every entry of ``outputs["aux_outputs"]`` (one per
-    intermediate decoder layer) and ``outputs["enc_outputs"]`` (two-stage proposals) gets the same
-    weights as the final layer, so changing the number of decoder layers needs no other change.
+    intermediate decoder layer) and ``outputs["enc_outputs"]`` (two-stage proposals, trained
+    class-agnostically: every label 0, as the official Deformable DETR) gets the same weights as
+    the final layer, so changing the number of decoder layers needs no other change. A focal
+    head's width sets its classes, so the proposals' one-logit head needs no other criterion.
     The returned losses are already weighted; their sum is the training loss.
 
     Args:
@@ -71,9 +73,9 @@ class SetCriterion(nn.Module):
     def loss_class(self, outputs, targets, indices, num_boxes: float) -> Tensor:
         logits = outputs["pred_logits"].float()
         b, q = logits.shape[:2]
-        target_classes = torch.full(
-            (b, q), self.num_classes, dtype=torch.long, device=logits.device
-        )
+        # focal heads may have fewer columns than classes: a class-agnostic (proposal) head has 1
+        background = logits.shape[-1] - 1 if self.class_loss == "ce" else logits.shape[-1]
+        target_classes = torch.full((b, q), background, dtype=torch.long, device=logits.device)
         batch_idx, src_idx = _flat_indices(indices)
         target_classes[batch_idx, src_idx] = torch.cat(
             [t["labels"][j] for t, (_, j) in zip(targets, indices)]
@@ -81,7 +83,7 @@ class SetCriterion(nn.Module):
         if self.class_loss == "ce":
             return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         # One-hot over the real classes only: "no object" is the all-zero target.
-        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
+        onehot = F.one_hot(target_classes, background + 1)[..., :-1].to(logits.dtype)
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
         return loss.sum() / num_boxes
 

@@ -30,6 +30,13 @@ def _projection(
     return nn.Sequential(conv, nn.GroupNorm(32, hidden_dim))
 
 
+def _class_head(hidden_dim: int, num_classes: int) -> nn.Linear:
+    """A sigmoid class head with the official prior-probability (0.01) bias."""
+    head = nn.Linear(hidden_dim, num_classes)
+    nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+    return head
+
+
 @META_ARCH_REGISTRY.register()
 class DeformableDETR(SetPredictionDetector):
     """Deformable DETR.
@@ -41,7 +48,11 @@ class DeformableDETR(SetPredictionDetector):
         encoder, decoder: :class:`DeformableEncoder` / :class:`DeformableDecoder`.
         position_embedding: sine encoding with the -0.5 offset.
         with_box_refine: per-layer heads; each decoder layer refines the previous box (Sec. 4.2).
-        two_stage: queries from the top-scoring encoder proposals (Sec. 4.2, App. A.4).
+        two_stage: queries from the top-scoring encoder proposals (Sec. 4.2, App. A.4). Each
+            encoder token is a proposal, scored by ``proposal_class_embed``, a one-logit
+            (foreground) head: the paper's binary classification, and in effect the official
+            head ``class_embed[L]``, of which only column 0 ranks proposals and gets positives
+            (every encoder-output label is 0). Its box head is ``bbox_embed[L]``, as official.
     """
 
     def __init__(
@@ -91,22 +102,23 @@ class DeformableDETR(SetPredictionDetector):
             self.reference_points = nn.Linear(hidden_dim, 2)
         self._reset_transformer_parameters()
 
-        class_embed = nn.Linear(hidden_dim, self.num_classes)
+        class_embed = _class_head(hidden_dim, self.num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(bbox_embed.layers[-1].weight)
         nn.init.zeros_(bbox_embed.layers[-1].bias)
-        num_pred = len(self.decoder.layers) + int(two_stage)  # + the encoder-proposal head
+        num_layers = len(self.decoder.layers)
+        num_boxes = num_layers + int(two_stage)  # + the encoder-proposal box head
         if with_box_refine:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_layers))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_boxes))
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
             self.decoder.bbox_embed = self.bbox_embed
         else:
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
-            self.class_embed = nn.ModuleList([class_embed] * num_pred)  # shared
-            self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+            self.class_embed = nn.ModuleList([class_embed] * num_layers)  # shared
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_boxes)
         if two_stage:
+            self.proposal_class_embed = _class_head(hidden_dim, 1)
             for head in self.bbox_embed:
                 nn.init.zeros_(head.layers[-1].bias[2:])
 
@@ -186,10 +198,11 @@ class DeformableDETR(SetPredictionDetector):
         return {**set_prediction_outputs(logits, boxes, self.aux_loss), **out_extra}
 
     def encoder_proposals(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor):
-        """Two-stage: score every encoder token as a proposal, keep the top ``num_queries``
-        (detached) as the decoder's reference boxes and derive its queries from them."""
+        """Two-stage: score every encoder token as a proposal (one foreground logit), keep the top
+        ``num_queries`` (detached) as the decoder's reference boxes and derive its queries from
+        them. ``enc_outputs`` holds the (B, S, 1) logits the class-agnostic loss trains."""
         output_memory, proposals = self.proposals_from_memory(memory, memory_mask, spatial_shapes)
-        enc_class = self.class_embed[-1](output_memory)
+        enc_class = self.proposal_class_embed(output_memory)
         enc_coord_logits = self.bbox_embed[-1](output_memory) + proposals
         topk = torch.topk(enc_class[..., 0], self.num_queries, dim=1)[1]
         topk_coords = enc_coord_logits.gather(1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
