@@ -1,7 +1,9 @@
 # Training defaults shared by every experiment (overridden per experiment / on the command line).
 train = dict(
     output_dir="./output",
-    init_checkpoint="",
+    init_checkpoint="",  # path or URL (a URL needs "?sha256=<hex>" unless trust_checkpoint)
+    trust_checkpoint=False,  # True: unpickle checkpoints unrestricted (only files you trust)
+    allow_random_weights=False,  # True: --eval-only / the predictor without a checkpoint
     device="auto",  # cuda when available, else cpu
     epochs=None,  # converted to iterations from the dataset size and total batch size
     max_iter=None,  # when set, wins over epochs
