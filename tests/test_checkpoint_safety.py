@@ -326,18 +326,19 @@ def test_a_corrupted_download_fails_the_hash_check_before_unpickling(tmp_path, f
         load_checkpoint_file(f"{url}?sha256={_sha256(published)}")
 
 
-def test_a_url_without_a_known_hash_is_refused_unless_trusted(tmp_path, fake_download, caplog):
+def test_a_url_without_a_known_hash_loads_with_a_warning_naming_its_hash(
+    tmp_path, fake_download, caplog
+):
     serve, downloads = fake_download
     path, model = _published(tmp_path)
     url = "https://example.org/R-50.pth"  # '-50.' is no hash: fewer than 8 hex digits
     serve[url] = path
-    with pytest.raises(ChecksumError, match=r"No SHA-256 is known.*\?sha256=.*trust_checkpoint"):
-        Checkpointer(_linear(0)).load(url)
-    assert downloads == []  # refused before downloading
     target = _linear(2)
     with caplog.at_level(logging.WARNING):
-        Checkpointer(target, trust=True).load(url)
-    assert torch.equal(target.weight, model.weight) and "unverified" in caplog.text
+        Checkpointer(target).load(url)
+    assert torch.equal(target.weight, model.weight)
+    assert f"unverified (SHA-256 {_sha256(path)})" in caplog.text
+    assert f"?sha256={_sha256(path)}" in caplog.text
 
 
 def test_model_zoo_get_loads_a_checkpoint_path_or_url(tmp_path, fake_download):

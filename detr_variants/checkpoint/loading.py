@@ -64,7 +64,7 @@ class Checkpointer(DetectionCheckpointer):
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
         if path and is_url(path):
             base, expected, query = split_url(path)
-            path = verified_local_copy(base, expected, trust=self.trust)
+            path = verified_local_copy(base, expected)
             path += f"?{query}" if query else ""  # detectron2's ?matching_heuristics=True
         selected = self.checkpointables if checkpointables is None else checkpointables
         self._restoring_state = bool(selected)

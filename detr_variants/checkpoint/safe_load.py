@@ -13,7 +13,9 @@ A file that needs anything else raises :class:`UnsafeCheckpointError` naming the
 files load unrestricted with ``trust=True`` (``train.trust_checkpoint=True``,
 ``--trust-checkpoint``). A checkpoint named by URL is verified against its SHA-256 before it is
 unpickled: the ``?sha256=<hex>`` query of the URL, or the hash prefix that torch.hub file names
-carry by convention (``detr-r50-e632da11.pth``); a URL with neither is refused unless trusted.
+carry by convention (``detr-r50-e632da11.pth``). A URL with neither (detectron2's ImageNet
+backbones publish none) is downloaded and loaded through the same allow-list, with a warning that
+gives its SHA-256 to pin; a mismatch is always an error.
 """
 
 import _compat_pickle
@@ -49,7 +51,7 @@ class CorruptCheckpointError(OSError):
 
 
 class ChecksumError(ValueError):
-    """A downloaded checkpoint is not the published file (or no hash is known for its URL)."""
+    """A downloaded checkpoint is not the published file."""
 
 
 # numpy >= 2 pickles name numpy._core.multiarray; files written with numpy 1 name numpy.core.
@@ -179,21 +181,22 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def verified_local_copy(url: str, expected: Optional[str], *, trust: bool = False) -> str:
+def verified_local_copy(url: str, expected: Optional[str]) -> str:
     """Downloads ``url`` (to detectron2's ``PathManager`` cache) and checks that its SHA-256
-    starts with ``expected`` before anything unpickles it. Without ``expected`` the URL is
-    refused, or loaded with a warning if trusted."""
-    if expected is None and not trust:
-        raise ChecksumError(
-            f"No SHA-256 is known for {url}, so the download cannot be verified. Append the "
-            f"published hash as '?sha256=<hex>' to the URL. {TRUST_HINT}"
-        )
+    starts with ``expected`` before anything unpickles it. Without ``expected`` nothing can tell a
+    tampered or truncated download from the published file: it is loaded with a warning giving
+    the hash to pin (the allow-list still keeps it from running code)."""
     local = PathManager.get_local_path(url)
-    if expected is None:
-        logger.warning("Loading %s unverified (trusted; no SHA-256 known)", url)
-        return local
     actual = sha256_of(local)
-    if not actual.startswith(expected):
+    if expected is None:
+        logger.warning(
+            "No SHA-256 is known for %s, so the download is unverified (SHA-256 %s). To pin it, "
+            "append '?sha256=%s' to the URL.",
+            url,
+            actual,
+            actual,
+        )
+    elif not actual.startswith(expected):
         raise ChecksumError(
             f"{url} failed its hash check: SHA-256 {actual}, expected {expected}"
             f"{'...' if len(expected) < 64 else ''}. The download ({local}) is corrupt or not "
@@ -207,7 +210,7 @@ def local_checkpoint(path: str, *, trust: bool = False) -> str:
     if not is_url(path):
         return path
     base, expected, _ = split_url(path)
-    return verified_local_copy(base, expected, trust=trust)
+    return verified_local_copy(base, expected)
 
 
 def load_checkpoint_file(path: str, *, trust: bool = False) -> Any:
