@@ -66,9 +66,10 @@ def build_model(cfg):
 
 
 def do_flop(cfg, args) -> Dict:
+    inputs = test_inputs(cfg, args.input_size, args.num_inputs)
     model = build_model(cfg)
     counts, totals = Counter(), []
-    for i, batch in enumerate(tqdm.tqdm(test_inputs(cfg, args.input_size, args.num_inputs))):
+    for i, batch in enumerate(tqdm.tqdm(inputs)):
         analysis = flop_count_analysis(model, batch)
         if i > 0:
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -93,9 +94,10 @@ def do_flop(cfg, args) -> Dict:
 
 
 def do_activation(cfg, args) -> Dict:
+    inputs = test_inputs(cfg, args.input_size, args.num_inputs)
     model = build_model(cfg)
     counts, totals = Counter(), []
-    for batch in tqdm.tqdm(test_inputs(cfg, args.input_size, args.num_inputs)):
+    for batch in tqdm.tqdm(inputs):
         count = activation_counts(model, batch)
         counts += count
         totals.append(sum(count.values()))
