@@ -211,6 +211,12 @@ def test_demo_single_image_to_a_file_and_refuses_no_checkpoint(
     assert cv2.imread(str(out)).shape == (40, 56, 3)
     with pytest.raises(SystemExit, match="no checkpoint"):
         demo_module.main(demo_argv("", "--input", str(image), "--output", str(out)))
+    # an untrained model only on request
+    out.unlink()
+    assert demo_module.main(
+        demo_argv("", "--random-weights", "--input", str(image), "--output", str(out))
+    )
+    assert cv2.imread(str(out)).shape == (40, 56, 3)
     with pytest.raises(FileNotFoundError, match="matches no file"):
         demo_module.main(demo_argv(tiny_checkpoint, "--input", str(tmp_path / "*.bmp")))
 
