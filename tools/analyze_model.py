@@ -33,7 +33,6 @@ from detr_variants.engine.train_loop import apply_overrides
 from detr_variants.utils.analysis import activation_counts, flop_count_analysis
 
 logger = logging.getLogger("detr_variants")
-TASKS = ("flop", "parameter", "activation", "structure")
 
 
 def synthetic_inputs(height: int, width: int, num: int, seed: int = 0) -> Iterable[List[Dict]]:
@@ -123,6 +122,9 @@ def do_structure(cfg, args) -> Dict:
     return {"structure": structure}
 
 
+TASKS = dict(flop=do_flop, parameter=do_parameter, activation=do_activation, structure=do_structure)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,9 +147,7 @@ def main(argv=None) -> Dict:
     setup_logger(name="fvcore")
     setup_logger(name="detr_variants")
     cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    tasks = {"flop": do_flop, "parameter": do_parameter, "activation": do_activation}
-    tasks["structure"] = do_structure
-    results = {task: tasks[task](cfg, args) for task in args.tasks}
+    results = {task: TASKS[task](cfg, args) for task in args.tasks}
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
