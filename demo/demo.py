@@ -187,13 +187,15 @@ def main(argv=None) -> int:
     if args.webcam:
         if args.output:
             raise SystemExit("--output is not supported with --webcam")
-        return run_on_video(demo, cv2.VideoCapture(0), args, "webcam")
-    if not os.path.isfile(args.video_input):
+        source, name = 0, "webcam"
+    elif not os.path.isfile(args.video_input):
         raise SystemExit(f"--video-input {args.video_input!r} is not a file")
-    video = cv2.VideoCapture(args.video_input)
+    else:
+        source, name = args.video_input, os.path.basename(args.video_input)
+    video = cv2.VideoCapture(source)
     if not video.isOpened():
-        raise SystemExit(f"OpenCV cannot open the video {args.video_input!r}")
-    return run_on_video(demo, video, args, os.path.basename(args.video_input))
+        raise SystemExit(f"OpenCV cannot open {'the webcam' if args.webcam else repr(source)}")
+    return run_on_video(demo, video, args, name)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,8 @@ def test_demo_draws_every_frame_of_a_video(tiny_shapes, demo_module, tiny_checkp
             break
         frames.append(frame)
     assert len(frames) == 5 and all(f.shape == (60, 80, 3) for f in frames)
+    with pytest.raises(SystemExit, match="is not a file"):
+        demo_module.main(demo_argv(tiny_checkpoint, "--video-input", str(tmp_path / "no.mp4")))
 
 
 # ------------------------------------------------------------------ tools/benchmark.py
