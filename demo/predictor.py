@@ -24,7 +24,7 @@ class VisualizationDemo:
     """Runs :class:`~detr_variants.engine.DefaultPredictor` (the config's test resize and device)
     and draws its detections scoring at least ``confidence_threshold``."""
 
-    def __init__(self, cfg, confidence_threshold: float = 0.5):
+    def __init__(self, cfg, *, confidence_threshold: float = 0.5):
         self.predictor = DefaultPredictor(cfg)
         self.metadata = test_metadata(cfg)
         self.confidence_threshold = confidence_threshold
