@@ -19,14 +19,12 @@ import argparse
 import glob
 import logging
 import os
-import tempfile
 import time
 from typing import List
 
 import cv2
-import torch
 import tqdm
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from predictor import VisualizationDemo  # demo/predictor.py, next to this script
@@ -93,11 +91,7 @@ def setup_cfg(args):
                 "no checkpoint: pass --opts train.init_checkpoint=PATH (or --random-weights to "
                 "draw an untrained model)"
             )
-        # a checkpoint of a seeded random model, so the predictor loads weights as always
-        torch.manual_seed(0)
-        path = os.path.join(tempfile.mkdtemp(prefix="demo_random_"), "random.pth")
-        torch.save({"model": instantiate(cfg.model).state_dict()}, path)
-        cfg.train.init_checkpoint = path
+        cfg.train.allow_random_weights = True  # the predictor's explicit opt-in
         logger.warning("drawing an untrained model (--random-weights)")
     return cfg
 

@@ -30,9 +30,8 @@ class VisualizationDemo:
         self.confidence_threshold = confidence_threshold
 
     def _detections(self, image: np.ndarray) -> Dict:
-        predictions = self.predictor(image)
-        instances = predictions["instances"].to("cpu")
-        predictions["instances"] = instances[instances.scores >= self.confidence_threshold]
+        predictions = self.predictor(image, score_threshold=self.confidence_threshold)
+        predictions["instances"] = predictions["instances"].to("cpu")
         return predictions
 
     def run_on_image(self, image: np.ndarray) -> Tuple[Dict, VisImage]:
