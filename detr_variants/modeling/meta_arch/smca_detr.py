@@ -5,11 +5,12 @@ from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...layers.deformable_transformer import flatten_levels
 from ...layers.smca_attention import SMCADecoder, SpatialModulation
-from .base import project_levels, set_prediction_outputs
+from ..neck import MultiLevelNeck
+from .base import set_prediction_outputs
 from .detr import DETR
 
 
@@ -124,52 +125,36 @@ class MultiScaleSMCADETR(SMCADETR):
         in_features: Sequence[str] = ("res4", "res5"),
         num_feature_levels: int = 3,
         level_embed: bool = True,
+        extra_mask_source: str = "image",
         hidden_dim: int = 256,
         **kwargs,
     ):
         in_features = list(in_features)
-        if num_feature_levels < len(in_features):
-            raise ValueError("num_feature_levels must be at least len(in_features)")
         super().__init__(in_feature=in_features[-1], hidden_dim=hidden_dim, **kwargs)
         self.in_features = in_features
         self.num_feature_levels = num_feature_levels
-        shapes = self.backbone.output_shape()
-        last = shapes[in_features[-1]]
-        extra = [
-            nn.Conv2d(last.channels if i == 0 else hidden_dim, hidden_dim, 3, stride=2, padding=1)
-            for i in range(num_feature_levels - len(in_features))
-        ]
-        self.input_proj = nn.ModuleList(
-            [nn.Conv2d(shapes[f].channels, hidden_dim, 1) for f in in_features] + extra
-        )
-        self._strides = [shapes[f].stride for f in in_features]
-        self._strides += [last.stride * 2 ** (i + 1) for i in range(len(extra))]
-        if level_embed:
-            self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
-            nn.init.normal_(self.level_embed)
-        else:
-            self.level_embed = None
+        del self.input_proj  # DETR's single-level projection; the neck has one per level
+        MultiLevelNeck(
+            input_shapes=self.backbone.output_shape(),
+            in_features=in_features,
+            hidden_dim=hidden_dim,
+            num_levels=num_feature_levels,
+            position_embedding=self.position_embedding,
+            level_embed=level_embed,
+            extra_mask_source=extra_mask_source,
+            xavier_init=False,
+        ).attach_to(self)
         self._check_levels(num_feature_levels)
 
     @property
     def strides(self) -> List[int]:
-        return list(self._strides)
+        return list(self.neck.strides)
 
     def multi_level_features(
         self, images, padding_mask
     ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """Projected maps of every level, their padding masks and position encodings."""
-        features, masks = self.backbone_features(images, padding_mask)
-        srcs, level_masks = project_levels(
-            features, masks, padding_mask, self.input_proj, self.in_features
-        )
-        pos = []
-        for lvl, (m, s) in enumerate(zip(level_masks, srcs)):
-            p = self.position_embedding(m).to(s.dtype)
-            pos.append(
-                p if self.level_embed is None else p + self.level_embed[lvl].view(1, -1, 1, 1)
-            )
-        return srcs, level_masks, pos
+        return self.neck(*self.backbone_features(images, padding_mask), padding_mask)
 
     def encode_levels(self, images, padding_mask):
         srcs, masks, pos = self.multi_level_features(images, padding_mask)
