@@ -2,7 +2,7 @@ from .base import SetPredictionDetector, set_prediction_outputs
 from .conditional_detr import ConditionalDETR
 from .deformable_detr import DeformableDETR
 from .detr import DETR
-from .smca_detr import SMCADETR, MultiScaleSMCADETR
+from .smca_detr import SMCADETR, MultiScaleSMCADETR, ReleasedMultiScaleSMCADETR
 from .tsp_fcos import TSPFCOS
 from .tsp_rcnn import TSPRCNN, CascadeTransformerROIHeads, TransformerROIHeads
 
@@ -14,6 +14,7 @@ __all__ = [
     "ConditionalDETR",
     "SMCADETR",
     "MultiScaleSMCADETR",
+    "ReleasedMultiScaleSMCADETR",
     "TSPFCOS",
     "TSPRCNN",
     "TransformerROIHeads",

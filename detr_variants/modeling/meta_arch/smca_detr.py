@@ -5,7 +5,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...layers.deformable_transformer import flatten_levels
 from ...layers.smca_attention import SMCADecoder, SpatialModulation
@@ -166,3 +166,55 @@ class MultiScaleSMCADETR(SMCADETR):
     def encode(self, images, padding_mask) -> Tuple[Tensor, Tensor, Tensor]:
         """Memory of all levels concatenated (B, S, C), its position encoding and padding mask."""
         return self.encode_levels(images, padding_mask)[:3]
+
+
+@META_ARCH_REGISTRY.register()
+class ReleasedMultiScaleSMCADETR(MultiScaleSMCADETR):
+    """The released multi-scale SMCA (``Multi_scale_SMCA.zip``, "New multi scale": 44.4 AP R50,
+    45.7 AP R101 at 50 epochs), a different architecture from the paper's
+    (:class:`MultiScaleSMCADETR`).
+
+    Differences from :class:`MultiScaleSMCADETR`:
+
+    - levels C3, C4, C5 (1×1 convs) and P6 (3×3 stride-2 conv on raw C5), no norm; P6's padding
+      mask is C5's resized (``extra_mask_source="previous"``);
+    - the encoder is a :class:`~detr_variants.layers.smca_conv_encoder.CrossScaleConvEncoder`
+      (depthwise convolutions with a cross-scale exchange, no self-attention);
+    - before the decoder, ``memory_downsample`` (3×3 stride-2 conv, released ``transformer.conv``)
+      takes the stride-8 memory to stride 16; the decoder reads the levels
+      [conv'd C3, C4, C5, P6] at strides 16, 16, 32, 64, the conv'd level with C4's padding mask
+      and position encoding (C4's level embedding included);
+    - the decoder's Gaussians use distance factors 0.5, 0.5, 1, 2 per level.
+
+    Scale selection: every image uses its own weights ``softmax(point4(·))``. The released
+    ``multi_head_attention_forward`` reads batch element 0's weights (``scale_attention[:, 0, l]``)
+    for every image of the batch; with one image per device (the released runs:
+    ``--batch_size 1``) the two are the same, above that the released code mixes images.
+    """
+
+    def __init__(self, *, in_features: Sequence[str] = ("res3", "res4", "res5"), **kwargs):
+        super().__init__(in_features=in_features, **kwargs)
+        if self.num_feature_levels < 2:
+            raise ValueError("the released multi-scale SMCA needs at least 2 levels")
+        hidden_dim = self.query_embed.weight.shape[1]
+        # PyTorch's default init: the release creates it after the transformer's xavier init
+        self.memory_downsample = nn.Conv2d(hidden_dim, hidden_dim, 3, stride=2, padding=1)
+
+    @property
+    def strides(self) -> List[int]:
+        """The decoder's level strides: the conv'd finest level takes the second's (16)."""
+        strides = self.neck.strides
+        return [strides[1]] + strides[1:]
+
+    def encode_levels(self, images, padding_mask):
+        srcs, masks, pos = self.multi_level_features(images, padding_mask)
+        memory = self.encoder(srcs, pos)
+        memory[0] = self.memory_downsample(memory[0])
+        if memory[0].shape[-2:] != memory[1].shape[-2:]:
+            raise ValueError(
+                f"the stride-2 conv of the finest memory gives {tuple(memory[0].shape[-2:])}, "
+                f"the next level is {tuple(memory[1].shape[-2:])}"
+            )
+        masks, pos = [masks[1]] + masks[1:], [pos[1]] + pos[1:]
+        spatial_shapes = [tuple(m.shape[-2:]) for m in memory]
+        return flatten_levels(memory), flatten_levels(pos), flatten_levels(masks), spatial_shapes
