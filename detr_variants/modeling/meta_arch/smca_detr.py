@@ -208,8 +208,8 @@ class ReleasedMultiScaleSMCADETR(MultiScaleSMCADETR):
 
     def encode_levels(self, images, padding_mask):
         srcs, masks, pos = self.multi_level_features(images, padding_mask)
-        memory = self.encoder(srcs, pos)
-        memory[0] = self.memory_downsample(memory[0])
+        encoded = self.encoder(srcs, pos)
+        memory = [self.memory_downsample(encoded[0])] + list(encoded[1:])
         if memory[0].shape[-2:] != memory[1].shape[-2:]:
             raise ValueError(
                 f"the stride-2 conv of the finest memory gives {tuple(memory[0].shape[-2:])}, "
