@@ -114,6 +114,10 @@ class MultiScaleSMCADETR(SMCADETR):
     Args:
         in_features: backbone outputs used as levels (``["res4", "res5"]``).
         num_feature_levels: levels in all (3: strides 16, 32, 64).
+        level_embed: add a learned embedding per level to its position encoding.
+        extra_mask_source: padding masks of the extra levels resized from the image's
+            (``"image"``) or from the previous level's (``"previous"``, as released); see
+            :class:`~detr_variants.modeling.neck.MultiLevelNeck`.
         encoder: a :class:`~detr_variants.layers.smca_attention.MultiScaleEncoder`.
         decoder: an :class:`SMCADecoder` whose layers have ``num_levels=num_feature_levels``.
         **kwargs: :class:`SMCADETR` / :class:`DETR` arguments.
@@ -184,7 +188,7 @@ class ReleasedMultiScaleSMCADETR(MultiScaleSMCADETR):
       takes the stride-8 memory to stride 16; the decoder reads the levels
       [conv'd C3, C4, C5, P6] at strides 16, 16, 32, 64, the conv'd level with C4's padding mask
       and position encoding (C4's level embedding included);
-    - the decoder's Gaussians use distance factors 0.5, 0.5, 1, 2 per level.
+    - the decoder's Gaussians use distance factors 0.5, 0.5, 1, 2 per level (its config).
 
     Scale selection: every image uses its own weights ``softmax(point4(·))``. The released
     ``multi_head_attention_forward`` reads batch element 0's weights (``scale_attention[:, 0, l]``)
@@ -193,9 +197,9 @@ class ReleasedMultiScaleSMCADETR(MultiScaleSMCADETR):
     """
 
     def __init__(self, *, in_features: Sequence[str] = ("res3", "res4", "res5"), **kwargs):
+        if len(in_features) < 2:
+            raise ValueError("the stride-2 conv on the finest memory needs a second backbone level")
         super().__init__(in_features=in_features, **kwargs)
-        if self.num_feature_levels < 2:
-            raise ValueError("the released multi-scale SMCA needs at least 2 levels")
         hidden_dim = self.query_embed.weight.shape[1]
         # PyTorch's default init: the release creates it after the transformer's xavier init
         self.memory_downsample = nn.Conv2d(hidden_dim, hidden_dim, 3, stride=2, padding=1)
