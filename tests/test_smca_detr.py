@@ -316,9 +316,9 @@ def test_registered_heads_and_init(single, multi):
             ).all()
             assert layer.modulation.offsets.out_features == 2 * 8 * layer.num_levels
     assert single.strides == [32] and multi.strides == [16, 32, 64]
-    assert [p.kernel_size for p in multi.input_proj] == [(1, 1), (1, 1), (3, 3)]
+    assert [p.kernel_size for p in multi.neck.input_proj] == [(1, 1), (1, 1), (3, 3)]
     assert (
-        multi.input_proj[2].in_channels == multi.backbone.output_shape()["res5"].channels
+        multi.neck.input_proj[2].in_channels == multi.backbone.output_shape()["res5"].channels
     )  # raw C5
     assert multi.decoder.layers[0].scale_selection.out_features == 3
 
@@ -390,7 +390,11 @@ def test_synthetic_config_train_step_and_inference(which, single, multi):
         layer.prior_norm.weight,
     ]
     if which == "multi":
-        params += [layer.scale_selection.weight, model.level_embed, model.input_proj[2].weight]
+        params += [
+            layer.scale_selection.weight,
+            model.neck.level_embed,
+            model.neck.input_proj[2].weight,
+        ]
     for p in params:
         assert p.grad is not None and p.grad.abs().sum() > 0
     model.eval()
@@ -735,11 +739,11 @@ def released_official_state_dict(enc_layers, dec_layers, shared, kernel=7, seed=
 
 # released name → ours, written out (a spot check of the renaming, independent of the converter)
 RELEASED_NAMES = {
-    "input_proj_512.weight": "input_proj.0.weight",
-    "input_proj_1024.bias": "input_proj.1.bias",
-    "input_proj_2048.weight": "input_proj.2.weight",
-    "input_proj_2048_3.weight": "input_proj.3.weight",
-    "transformer.level_embed": "level_embed",
+    "input_proj_512.weight": "neck.input_proj.0.weight",
+    "input_proj_1024.bias": "neck.input_proj.1.bias",
+    "input_proj_2048.weight": "neck.input_proj.2.weight",
+    "input_proj_2048_3.weight": "neck.input_proj.3.weight",
+    "transformer.level_embed": "neck.level_embed",
     "transformer.conv.weight": "memory_downsample.weight",
     "transformer.encoder.layers.1.conv_1.weight": "encoder.layers.1.input_conv.weight",
     "transformer.encoder.layers.1.conv_2.bias": "encoder.layers.1.output_conv.bias",
@@ -937,8 +941,8 @@ def test_released_train_step_reaches_every_new_part(released):
     layer = released.encoder.layers[0]
     params = [
         released.memory_downsample.weight,
-        released.input_proj[3].weight,
-        released.level_embed,
+        released.neck.input_proj[3].weight,
+        released.neck.level_embed,
         layer.input_conv.weight,
         layer.level_convs[3].weight,
         layer.down_convs[0].weight,

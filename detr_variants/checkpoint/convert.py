@@ -213,6 +213,16 @@ def layer_tables(encoder: Dict[str, str], decoder: Dict[str, str]) -> LayerTarge
     return target
 
 
+def neck_names(state_dict: StateDict) -> StateDict:
+    """Multi-level models keep their level projections and level embedding in ``neck``
+    (:class:`~detr_variants.modeling.neck.MultiLevelNeck`): ``input_proj.*`` and ``level_embed``
+    → ``neck.input_proj.*`` and ``neck.level_embed``."""
+    return {
+        "neck." + k if k.startswith("input_proj.") or k == "level_embed" else k: v
+        for k, v in state_dict.items()
+    }
+
+
 def raise_unknown(keys: Sequence[str], what: str) -> None:
     if keys:
         raise KeyError(

@@ -22,6 +22,7 @@ from .convert import (
     StateDict,
     convert_official_detr_layout,
     layer_tables,
+    neck_names,
     register_converter,
 )
 
@@ -125,6 +126,8 @@ def convert_official_multi_scale(
     for key, value in state_dict.items():
         old = next((o for o in _MS_RENAMES if key.startswith(o)), None)
         renamed[key if old is None else _MS_RENAMES[old] + key[len(old) :]] = value
-    return convert_official_detr_layout(
-        renamed, _MS_LAYERS, _MS_KEEP, "official multi-scale SMCA", num_classes
+    return neck_names(
+        convert_official_detr_layout(
+            renamed, _MS_LAYERS, _MS_KEEP, "official multi-scale SMCA", num_classes
+        )
     )

@@ -128,12 +128,3 @@ class MultiLevelNeck(nn.Module):
         if self.level_embed is not None:
             pos = [p + e.view(1, -1, 1, 1) for p, e in zip(pos, self.level_embed)]
         return srcs, level_masks, pos
-
-    def attach_to(self, owner: nn.Module) -> None:
-        """Makes ``owner.neck`` this neck with its parameters registered on ``owner`` under their
-        released names (``input_proj.N.*``, ``level_embed``), so that the official, HF and earlier
-        checkpoints load unchanged. The neck is not registered as a child of ``owner``: one owner
-        per parameter (``.to()``, ``load_state_dict`` and ``deepcopy`` keep the two views one)."""
-        owner.input_proj = self.input_proj
-        owner.level_embed = self.level_embed
-        object.__setattr__(owner, "neck", self)

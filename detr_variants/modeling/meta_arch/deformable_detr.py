@@ -72,18 +72,16 @@ class DeformableDETR(SetPredictionDetector):
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
         self.aux_loss = aux_loss
-        self.position_embedding = position_embedding
         self.encoder = encoder
         self.decoder = decoder
-
-        MultiLevelNeck(
+        self.neck = MultiLevelNeck(
             input_shapes=self.backbone.output_shape(),
             in_features=self.in_features,
             hidden_dim=hidden_dim,
             num_levels=num_feature_levels,
             position_embedding=position_embedding,
             norm="GN",
-        ).attach_to(self)
+        )
         if two_stage:
             self.enc_output = nn.Linear(hidden_dim, hidden_dim)
             self.enc_output_norm = nn.LayerNorm(hidden_dim)
@@ -126,7 +124,7 @@ class DeformableDETR(SetPredictionDetector):
         if not self.two_stage:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
-        nn.init.normal_(self.level_embed)
+        nn.init.normal_(self.neck.level_embed)
 
     def multi_level_features(self, images, padding_mask):
         """Projected feature maps of every level with their masks and position encodings."""

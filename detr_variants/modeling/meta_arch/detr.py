@@ -1,7 +1,7 @@
 """DETR (Carion et al. 2020): the baseline every fast-converging variant is measured against."""
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
@@ -22,7 +22,8 @@ class DETR(SetPredictionDetector):
     Args:
         encoder, decoder: :class:`TransformerEncoder` / :class:`TransformerDecoder`.
         position_embedding: maps the padding mask to (B, hidden_dim, H, W).
-        in_feature: the backbone output the transformer reads (``"res5"``).
+        in_feature: the backbone output the transformer reads (``"res5"``); None for a
+            multi-level subclass that projects the backbone levels with its own neck.
         class_score: ``"softmax"`` (classes + no-object, DETR) or ``"sigmoid"`` (one focal-loss
             logit per class, initialised to the prior 0.01, as the fast-converging variants).
         **kwargs: :class:`SetPredictionDetector` arguments.
@@ -36,7 +37,7 @@ class DETR(SetPredictionDetector):
         position_embedding: nn.Module,
         num_queries: int = 100,
         hidden_dim: int = 256,
-        in_feature: str = "res5",
+        in_feature: Optional[str] = "res5",
         aux_loss: bool = True,
         class_score: str = "softmax",
         **kwargs,
@@ -44,9 +45,10 @@ class DETR(SetPredictionDetector):
         super().__init__(class_score=class_score, **kwargs)
         self.in_feature = in_feature
         self.aux_loss = aux_loss
-        self.input_proj = nn.Conv2d(
-            self.backbone.output_shape()[in_feature].channels, hidden_dim, 1
-        )
+        if in_feature is not None:
+            self.input_proj = nn.Conv2d(
+                self.backbone.output_shape()[in_feature].channels, hidden_dim, 1
+            )
         self.position_embedding = position_embedding
         self.encoder = encoder
         self.decoder = decoder

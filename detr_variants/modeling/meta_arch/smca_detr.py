@@ -133,21 +133,19 @@ class MultiScaleSMCADETR(SMCADETR):
         hidden_dim: int = 256,
         **kwargs,
     ):
-        in_features = list(in_features)
-        super().__init__(in_feature=in_features[-1], hidden_dim=hidden_dim, **kwargs)
-        self.in_features = in_features
+        super().__init__(in_feature=None, hidden_dim=hidden_dim, **kwargs)
+        self.in_features = list(in_features)
         self.num_feature_levels = num_feature_levels
-        del self.input_proj  # DETR's single-level projection; the neck has one per level
-        MultiLevelNeck(
+        self.neck = MultiLevelNeck(
             input_shapes=self.backbone.output_shape(),
-            in_features=in_features,
+            in_features=self.in_features,
             hidden_dim=hidden_dim,
             num_levels=num_feature_levels,
             position_embedding=self.position_embedding,
             level_embed=level_embed,
             extra_mask_source=extra_mask_source,
             xavier_init=False,
-        ).attach_to(self)
+        )
         self._check_levels(num_feature_levels)
 
     @property
