@@ -141,9 +141,8 @@ def convert_hf_detr_layout(
         proj = _HF_QKV.fullmatch(key)
         if proj and (proj.group(1), proj.group(3)) in stacked:
             part, index, module, which, leaf = proj.groups()
-            qkv.setdefault(f"{part}.layers.{index}.{ours_of[module]}.in_proj_{leaf}", {})[which] = (
-                value
-            )
+            target = f"{part}.layers.{index}.{ours_of[module]}.in_proj_{leaf}"
+            qkv.setdefault(target, {})[which] = value
             continue
         target = _hf_target(key, decoder, top)
         if target is None:
