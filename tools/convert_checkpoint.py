@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import detr_variants  # noqa: F401  (registers the converters)
-from detr_variants.checkpoint import convert_checkpoint
+from detr_variants.checkpoint import convert_checkpoint, known_converters
 
 
 def load_state_dict(path: str):
@@ -25,14 +25,27 @@ def load_state_dict(path: str):
 
 
 def main():
+    pairs = known_converters()
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="known --source / --arch pairs:\n"
+        + "\n".join(f"  --source {s} --arch {a}" for s, a in pairs),
     )
-    parser.add_argument("--source", required=True, choices=["official", "hf"])
-    parser.add_argument("--arch", required=True)
-    parser.add_argument("input")
-    parser.add_argument("output")
+    parser.add_argument(
+        "--source",
+        required=True,
+        choices=sorted({s for s, _ in pairs}),
+        help="official: the paper's release; hf: HF transformers",
+    )
+    parser.add_argument(
+        "--arch", required=True, choices=sorted({a for _, a in pairs}), help="see the pairs below"
+    )
+    parser.add_argument("input", help="checkpoint file (.pth, .bin or .safetensors)")
+    parser.add_argument("output", help="where to write the converted checkpoint (.pth)")
     args = parser.parse_args()
+    if (args.source, args.arch) not in pairs:
+        parser.error(f"no converter for --source {args.source} --arch {args.arch}; see --help")
     converted = convert_checkpoint(load_state_dict(args.input), args.source, args.arch)
     torch.save(
         {"model": converted, "__author__": f"{args.source} {args.arch} via detr_variants"},

@@ -2,7 +2,7 @@
 converters from official and HF-transformers checkpoints."""
 
 from . import conditional_detr, deformable_detr, smca, tsp  # noqa: F401  (register their converters)
-from .convert import COCO_THING_IDS, convert_checkpoint, register_converter
+from .convert import COCO_THING_IDS, convert_checkpoint, known_converters, register_converter
 from .loading import Checkpointer, CheckpointMismatchError
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "CheckpointMismatchError",
     "COCO_THING_IDS",
     "convert_checkpoint",
+    "known_converters",
     "register_converter",
 ]
