@@ -3,8 +3,6 @@ from .conditional_detr import ConditionalDETR
 from .deformable_detr import DeformableDETR
 from .detr import DETR
 from .smca_detr import SMCADETR, MultiScaleSMCADETR
-from .tsp_fcos import TSPFCOS
-from .tsp_rcnn import TSPRCNN, CascadeTransformerROIHeads, TransformerROIHeads
 
 __all__ = [
     "SetPredictionDetector",
@@ -14,8 +12,4 @@ __all__ = [
     "ConditionalDETR",
     "SMCADETR",
     "MultiScaleSMCADETR",
-    "TSPFCOS",
-    "TSPRCNN",
-    "TransformerROIHeads",
-    "CascadeTransformerROIHeads",
 ]

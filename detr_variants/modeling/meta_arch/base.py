@@ -115,11 +115,20 @@ class SetPredictionDetector(nn.Module):
             raise ValueError("empty batch")
         images, padding_mask = self.preprocess_image(batched_inputs)
         if self.training:
-            targets = self.prepare_targets(batched_inputs)
-            return self.criterion(self.compute_outputs(images, padding_mask), targets)
+            return self.losses(batched_inputs, images, padding_mask)
+        return self.postprocess(self.predict(images, padding_mask), batched_inputs)
+
+    def losses(
+        self, batched_inputs: List[Dict], images: ImageList, padding_mask: Tensor
+    ) -> Dict[str, Tensor]:
+        """The training step's loss dict (a variant whose outputs depend on the GT overrides it)."""
+        targets = self.prepare_targets(batched_inputs)
+        return self.criterion(self.compute_outputs(images, padding_mask), targets)
+
+    def predict(self, images: ImageList, padding_mask: Tensor) -> List[Instances]:
+        """Detections in the padded-input frame, before rescaling to the original size."""
         outputs = self.compute_outputs(images, padding_mask)
-        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
-        return self.postprocess(results, batched_inputs)
+        return self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, Tensor]:
         """Normalises and pads the images; the mask is True at padding (also in eval, so results
