@@ -225,3 +225,59 @@ def assert_class_scores_follow_official_rows(model, weight, bias, rows, score, a
         assert theirs[..., index].std() > 0.1  # the rows are told apart
         torch.testing.assert_close(ours, theirs[..., index], atol=atol, rtol=0)
         torch.testing.assert_close(activate(ours), activate(theirs)[..., index], atol=atol, rtol=0)
+
+
+def write_small_coco(root, split, num_images, seed=0):
+    """A small COCO-format split as a user's dataset looks: ``<root>/annotations/<split>.json``
+    and ``<root>/<split>/*.jpg``. Filled rectangles of three categories whose ids have gaps
+    (2, 5, 9), polygon segmentations, a crowd region (RLE) in image 1, image 0 without objects,
+    image 2 a grayscale JPEG. Returns (json path, image dir)."""
+    import json
+    import os
+
+    import cv2
+    import numpy as np
+
+    from detr_variants.data.synthetic import mask_to_rle
+
+    rng = np.random.default_rng(seed)
+    categories = [{"id": 2, "name": "red"}, {"id": 5, "name": "green"}, {"id": 9, "name": "blue"}]
+    colors = {2: (0, 0, 255), 5: (0, 255, 0), 9: (255, 0, 0)}  # BGR
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = int(rng.integers(60, 90)), int(rng.integers(70, 110))
+        img = np.full((h, w, 3), 40, np.uint8)
+        for _ in range(0 if i == 0 else int(rng.integers(1, 3))):
+            cid = int(rng.choice(list(colors)))
+            bw, bh = int(rng.integers(12, w // 2)), int(rng.integers(12, h // 2))
+            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            cv2.rectangle(img, (x, y), (x + bw - 1, y + bh - 1), colors[cid], -1)
+            poly = [x, y, x + bw, y, x + bw, y + bh, x, y + bh]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "bbox": [x, y, bw, bh],
+                    "category_id": cid,
+                    "iscrowd": 0,
+                    "area": bw * bh,
+                    "segmentation": [poly],
+                }
+            )
+        if i == 1:  # a crowd region over the top-left corner, as COCO stores them (RLE)
+            mask = np.zeros((h, w), bool)
+            mask[:10, :10] = True
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": i + 1, "bbox": [0, 0, 10, 10],
+                 "category_id": 5, "iscrowd": 1, "area": 100, "segmentation": mask_to_rle(mask)}
+            )  # fmt: skip
+        file_name = f"{split}_{i:03d}.jpg"
+        out = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if i == 2 else img
+        assert cv2.imwrite(os.path.join(root, split, file_name), out)
+        images.append({"id": i + 1, "file_name": file_name, "height": h, "width": w})
+    json_file = os.path.join(root, "annotations", f"{split}.json")
+    with open(json_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return json_file, os.path.join(root, split)

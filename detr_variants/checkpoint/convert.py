@@ -8,7 +8,7 @@ the 91 raw category ids → detectron2's 80 contiguous classes.
 """
 
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -109,6 +109,11 @@ def register_converter(source: str, arch: str):
         return fn
 
     return wrap
+
+
+def known_converters() -> List[Tuple[str, str]]:
+    """The registered ``(source, arch)`` pairs, sorted."""
+    return sorted(_CONVERTERS)
 
 
 def convert_checkpoint(state_dict: StateDict, source: str, arch: str) -> StateDict:

@@ -1,3 +1,8 @@
+from .custom import (
+    register_coco_dataset,
+    scaled_detr_test_augmentations,
+    scaled_detr_train_augmentations,
+)
 from .mapper import DetrDatasetMapper, valid_annotations
 from .synthetic import register_synthetic_shapes
 from .transforms import RandomChoice, detr_test_augmentations, detr_train_augmentations
@@ -8,6 +13,9 @@ __all__ = [
     "DetrDatasetMapper",
     "valid_annotations",
     "register_synthetic_shapes",
+    "register_coco_dataset",
+    "scaled_detr_train_augmentations",
+    "scaled_detr_test_augmentations",
     "RandomChoice",
     "detr_test_augmentations",
     "detr_train_augmentations",
