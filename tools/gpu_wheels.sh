@@ -17,7 +17,7 @@ DEST=${GPU_WHEELS:-.gpu_wheels}
 
 # One per line: what the GPU image lacks (see /work/.library/device/KINDS.md's package list),
 # at the version pinned in constraints.txt. tests/test_gpu_check.py checks this list against
-# the imports of detr_variants, detectron2 and the tests.
+# the requirements and imports of detr_variants, detectron2 and the tests.
 PACKAGES=(
   sal-detectron2==0.7.2 # detectron2's Python code, as tools/setup_env.sh installs it
   fvcore
@@ -28,6 +28,17 @@ PACKAGES=(
   pycocotools
   yacs
   termcolor
+)
+
+# Not carried: what the GPU image has (KINDS.md, "Python packages already there"; the versions
+# are the image's), and what is required but never imported here.
+IMAGE_HAS=(
+  torch torchvision numpy scipy opencv-python-headless pillow matplotlib tqdm tabulate cloudpickle
+  tensorboard packaging pyyaml portalocker typing-extensions transformers safetensors
+  pytest pytest-timeout
+)
+NOT_NEEDED=(
+  black # detectron2 imports it only in LazyConfig.to_py, which nothing here calls
 )
 
 pinned() { # NAME -> NAME==VERSION from constraints.txt (NAME itself if it pins none)
