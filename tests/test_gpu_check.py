@@ -33,6 +33,13 @@ def load_driver():
     return module
 
 
+def dry_run_args(tmp_path, **overrides):
+    """tools/gpu_check.py's arguments for a dry run writing under ``tmp_path``, with no wheels."""
+    args = dict(dry_run=True, budget_s=600, output_dir=str(tmp_path), python=sys.executable)
+    args.update(wheels=str(tmp_path / "none"), site=str(tmp_path / "site"), tests=[], stages=[])
+    return argparse.Namespace(**{**args, **overrides})
+
+
 def write_wheel(folder, name, version, tag, files):
     """A minimal wheel of ``files`` ({path: text}), enough for ``pip install --no-index``."""
     dist = f"{name}-{version}.dist-info"
@@ -121,16 +128,7 @@ def test_stage_time_box_and_failure_do_not_stop_the_others(tmp_path):
     with the tail of its output, a skipped one with its reason; each is written to the JSON as
     it ends, and the stages after them still run."""
     driver = load_driver()
-    args = argparse.Namespace(
-        dry_run=True,
-        budget_s=600,
-        output_dir=str(tmp_path),
-        wheels=str(tmp_path / "none"),
-        site=str(tmp_path / "site"),
-        python=sys.executable,
-        tests=[],
-    )
-    check = driver.GpuCheck(args)
+    check = driver.GpuCheck(dry_run_args(tmp_path))
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     fail = [sys.executable, "-c", "import sys; print('it broke here'); sys.exit(3)"]
     assert check.stage("slow", lambda t: check.run("slow", sleep, timeout=1))["status"] == "timeout"
@@ -150,6 +148,18 @@ def test_stage_time_box_and_failure_do_not_stop_the_others(tmp_path):
 
     check.args.budget_s = 0  # no time left: the next stage is not started
     assert check.stage("build", check.build)["status"] == "timeout"
+
+
+def test_main_runs_only_the_stages_asked_for(tmp_path):
+    """A rerun's subset (--stages): environment and install always run, the others are recorded
+    as skipped with the reason, and a run where nothing failed exits 0."""
+    driver = load_driver()
+    check = driver.GpuCheck(dry_run_args(tmp_path, stages=[]))
+    assert check.main() == 0
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert stages["environment"]["status"] == "ok"
+    assert stages["environment"]["torch"] == __import__("torch").__version__
+    assert [stages[n]["reason"] for n in driver.RUNNABLE] == ["not in --stages"] * 4
 
 
 def test_junit_summary_counts_and_names(tmp_path):

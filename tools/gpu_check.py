@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """GPU readiness check (``make gpu-check``): one run on a fresh GPU machine, one JSON.
 
-Stages, each time-boxed (its cap, and what is left of --budget-s), each run in its own process so
-that a crash or a CUDA fault in one is recorded and does not stop the others:
+Stages, each time-boxed (its cap on a GPU, and what is left of --budget-s), each run in its own
+process so that a crash or a CUDA fault in one is recorded and does not stop the others:
 
   environment      python, torch, CUDA, the device and its compute capability
   install          the wheels of tools/gpu_wheels.sh (what the GPU image lacks) into --site
@@ -23,6 +23,7 @@ check of the plumbing, not a measurement. Exit status 1 when a stage failed or r
 Only the standard library is imported at the top: this runs before the wheels are installed.
 
     python3 tools/gpu_check.py [--dry-run] [--budget-s 450] [--output-dir output]
+                               [--stages build tests op_benchmark model_benchmark]
 """
 
 import argparse
@@ -42,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Per-stage caps in seconds; together they may exceed --budget-s, which bounds the whole run.
 CAPS = {"install": 60, "build": 200, "tests": 120, "op_benchmark": 90, "model_benchmark": 150}
+RUNNABLE = ("build", "tests", "op_benchmark", "model_benchmark")  # environment, install: always
 MIN_STAGE_S = 10  # a stage is not started with less time left
 # Repeats sized for an H100/H200 within the caps; the dry run takes one of each at tiny shapes.
 GPU_SETTINGS = {
@@ -111,6 +113,7 @@ class GpuCheck:
         self.start = time.monotonic()
         self.python = args.python
         self.cuda = False
+        self.child = None  # the running stage's process
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (os.path.abspath(args.site), ROOT, os.environ.get("PYTHONPATH")) if p
@@ -154,6 +157,7 @@ class GpuCheck:
                 text=True,
                 start_new_session=True,
             )
+            self.child = proc
             try:
                 out, _ = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -162,6 +166,7 @@ class GpuCheck:
                 log.write(out)
                 raise TimeoutError(f"{' '.join(cmd[1:3])}: over {timeout:.0f} s") from None
             log.write(out)
+        self.child = None
         if proc.returncode != 0:
             tail = out.strip().splitlines()[-15:]
             raise StageFailed(f"exit status {proc.returncode}: " + "\n".join(tail))
@@ -169,8 +174,9 @@ class GpuCheck:
 
     def stage(self, name, fn):
         """Runs one stage within its time box and records its result, or why it has none."""
-        cap = CAPS.get(name)
-        timeout = None if cap is None else min(cap, self.left_s())
+        # the caps are sized for a GPU machine; a dry run is bounded by --budget-s alone
+        cap = CAPS.get(name) if self.cuda else None
+        timeout = None if name not in CAPS else min(cap or self.left_s(), self.left_s())
         entry = {}
         t0 = time.monotonic()
         try:
@@ -305,6 +311,9 @@ class GpuCheck:
         return self.dry_run_note({"rows": rows})
 
     # ------------------------------------------------------------------ modes
+    def not_asked(self, timeout):
+        raise Skip("not in --stages")
+
     def device(self):
         return "cuda" if self.cuda else "cpu"
 
@@ -322,10 +331,19 @@ class GpuCheck:
         return result
 
     def main(self):
-        self.stage("environment", self.environment)
-        self.stage("install", self.install)
-        for name in ("build", "tests", "op_benchmark", "model_benchmark"):
-            self.stage(name, getattr(self, name))
+        # killed (e.g. at an outer time limit): end the stage's processes too, keep the JSON
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        try:
+            self.stage("environment", self.environment)
+            self.stage("install", self.install)
+            for name in RUNNABLE:
+                if name in self.args.stages:
+                    self.stage(name, getattr(self, name))
+                else:
+                    self.stage(name, self.not_asked)
+        finally:
+            if self.child is not None and self.child.poll() is None:
+                os.killpg(self.child.pid, signal.SIGKILL)
         self.write()
         self.print_summary()
         bad = [n for n, s in self.report["stages"].items() if s["status"] in ("failed", "timeout")]
@@ -375,6 +393,9 @@ def main(argv=None):
     parser.add_argument("--site", default="/tmp/detr_variants_site", help="where wheels go")
     parser.add_argument("--python", default=sys.executable, help="interpreter of every stage")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="pytest paths")
+    parser.add_argument(
+        "--stages", nargs="+", default=list(RUNNABLE), choices=RUNNABLE, help="a rerun's subset"
+    )
     args = parser.parse_args(argv)
     return GpuCheck(args).main()
 
