@@ -85,6 +85,14 @@ def cuda_home():
     return None
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def junit_summary(path):
     """Counts and failures' names from pytest's junit XML."""
     root = ET.parse(path).getroot()
@@ -115,6 +123,9 @@ class GpuCheck:
         self.cuda = False
         self.child = None  # the running stage's process
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the interpreter's own bin (a venv's ninja, which the CUDA build uses) comes first
+        bin_dir = os.path.dirname(os.path.abspath(args.python))
+        self.env["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (os.path.abspath(args.site), ROOT, os.environ.get("PYTHONPATH")) if p
         )
@@ -217,14 +228,11 @@ class GpuCheck:
             info["capability"] = cuda_arch(torch.cuda.get_device_capability(0))
             info["device_count"] = torch.cuda.device_count()
         else:
-            info["device"] = platform.processor() or platform.machine()
+            info["device"] = cpu_model()
         nvcc = shutil.which("nvcc") or (info["cuda_home"] and f"{info['cuda_home']}/bin/nvcc")
         if nvcc and os.path.exists(nvcc):
-            info["nvcc"] = (
-                subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
+            version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+            info["nvcc"] = next((ln for ln in version.splitlines() if "release" in ln), version)
         self.report["mode"] = "cuda" if self.cuda else "dry-run"
         self.report.update(device=info["device"], torch=info["torch"], cuda=info["torch_cuda"])
         return info
@@ -285,9 +293,10 @@ class GpuCheck:
         self.report["tests"] = summary
         if error is not None:
             raise StageFailed(f"{summary['failed']} failed: {summary['failures']}; {error}")
+        result = {"junit": os.path.basename(junit)}
         if not self.cuda:
-            summary["note"] = "the CUDA tests are skipped here: " + self.no_cuda_reason()
-        return summary
+            result["note"] = "the CUDA tests are skipped here: " + self.no_cuda_reason()
+        return result
 
     def op_benchmark(self, timeout):
         path = os.path.join(self.out, "gpu_check_ops.json")
@@ -295,10 +304,12 @@ class GpuCheck:
         self.run("op_benchmark", cmd + self.settings()["ops"], timeout=timeout)
         with open(path) as f:
             bench = json.load(f)
-        result = {"shapes": bench["shapes"], "results": bench["results"]}
-        result["native_available"] = bench["environment"]["native_available"]
-        self.report["op_timings"] = result
-        return self.dry_run_note(result)
+        self.report["op_timings"] = {
+            "shapes": bench["shapes"],
+            "native_available": bench["environment"]["native_available"],
+            "results": bench["results"],
+        }
+        return self.dry_run_note({"output": os.path.basename(path)})
 
     def model_benchmark(self, timeout):
         path = os.path.join(self.out, "gpu_check_models.json")
@@ -308,7 +319,7 @@ class GpuCheck:
         with open(path) as f:
             rows = json.load(f)["rows"]
         self.report["model_timings"] = rows
-        return self.dry_run_note({"rows": rows})
+        return self.dry_run_note({"output": os.path.basename(path)})
 
     # ------------------------------------------------------------------ modes
     def not_asked(self, timeout):
