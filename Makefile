@@ -34,8 +34,9 @@ cuda-check: setup
 # On a fresh GPU machine with no network and no venv (README, GPU check): installs the wheels
 # that tools/gpu_wheels.sh fetched beforehand, builds the CUDA op, runs the CUDA tests and times the
 # op and Deformable DETR R50 against HF; writes output/gpu_check.json. Within 8 min on an H100/H200.
+# PYTHON= picks the interpreter, GPU_CHECK_ARGS= passes options (e.g. --dry-run, --stages ...).
 gpu-check:
-	@bash tools/gpu_check.sh
+	@bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info detr_variants/_C*.so output

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -120,6 +121,27 @@ def test_dry_run_records_every_stage(tmp_path):
     assert "dry-run" in report["stages"]["model_benchmark"]["note"]
     assert "[gpu-check] total" in proc.stdout
     assert "===== build" not in (out / "gpu_check.log").read_text()  # skipped, not run
+
+
+def test_make_gpu_check_passes_interpreter_wheels_and_options(tmp_path):
+    """`make gpu-check` -> tools/gpu_check.sh -> tools/gpu_check.py with PYTHON, GPU_WHEELS,
+    GPU_SITE and GPU_CHECK_ARGS passed through (here a dry run of the build stage alone)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = tmp_path / "out"
+    cmd = ["make", "-s", "gpu-check", f"PYTHON={sys.executable}"]
+    cmd += [f"GPU_WHEELS={tmp_path / 'wheels'}", f"GPU_SITE={tmp_path / 'site'}"]
+    cmd += [f"GPU_CHECK_ARGS=--dry-run --stages build --output-dir {out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = json.loads((out / "gpu_check.json").read_text())["stages"]
+    assert stages["environment"]["executable"] == shutil.which(sys.executable)
+    assert (
+        stages["install"]["reason"]
+        == f"no wheels in {tmp_path / 'wheels'} (run tools/gpu_wheels.sh first)"
+    )
+    assert stages["build"]["reason"] == "--dry-run"
+    assert stages["tests"]["reason"] == "not in --stages"
 
 
 # ------------------------------------------------------------------------------ parts
