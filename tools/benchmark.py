@@ -9,9 +9,9 @@ implementation with the same weights, measured side by side in one run.
 For each model: GFLOPs (fvcore, one multiply-add = one flop, as the papers count) at 800x1216
 beside the paper's number; inference latency (batch 1, 800x1216) and a training step (forward +
 backward, batch 2, 512x512, 5 boxes per image; sizes set by --inference-size, --train-size), each
-the median of --repeat runs after a warm-up, ours and HF's runs interleaved (see ``measure``); the peak resident-memory increase of each
-(sampled every 5 ms); and the share of one training step spent in matrix multiplies and
-convolutions (torch.profiler). The HF model is random-initialised with the architecture of the
+the median of --repeat runs after a warm-up, ours and HF's runs interleaved (see ``measure``); the
+peak resident-memory increase of each (sampled every 5 ms); and the share of one training step
+spent in matrix multiplies and convolutions (torch.profiler). The HF model is random-initialised with the architecture of the
 COCO checkpoint, converted with ``convert_checkpoint`` and loaded into ours, so both compute the
 same function. Nothing here is asserted: it writes numbers. On ``--device cuda`` each timed run
 ends with ``torch.cuda.synchronize()``, memory is also the peak of allocated CUDA memory above what
