@@ -6,16 +6,18 @@ implementation with the same weights, measured side by side in one run.
     python tools/benchmark.py --models deformable_detr_r50 --repeat 3 --threads 2
     python tools/benchmark.py --models deformable_detr_r50 --device cuda --repeat 10
 
+Sizes: --inference-size and --train-size. On ``--device cuda`` each timed run ends with
+``torch.cuda.synchronize()``, memory is also the peak of allocated CUDA memory above what was
+allocated before, and GFLOPs are counted on the CPU before the models move to the GPU.
+
 For each model: GFLOPs (fvcore, one multiply-add = one flop, as the papers count) at 800x1216
 beside the paper's number; inference latency (batch 1, 800x1216) and a training step (forward +
-backward, batch 2, 512x512, 5 boxes per image; sizes set by --inference-size, --train-size), each
-the median of --repeat runs after a warm-up, ours and HF's runs interleaved (see ``measure``); the
-peak resident-memory increase of each (sampled every 5 ms); and the share of one training step
-spent in matrix multiplies and convolutions (torch.profiler). The HF model is random-initialised with the architecture of the
+backward, batch 2, 512x512, 5 boxes per image), each the median of --repeat runs after a warm-up,
+ours and HF's runs interleaved (see ``measure``); the peak resident-memory increase of each
+(sampled every 5 ms); and the share of one training step spent in matrix multiplies and
+convolutions (torch.profiler). The HF model is random-initialised with the architecture of the
 COCO checkpoint, converted with ``convert_checkpoint`` and loaded into ours, so both compute the
-same function. Nothing here is asserted: it writes numbers. On ``--device cuda`` each timed run
-ends with ``torch.cuda.synchronize()``, memory is also the peak of allocated CUDA memory above what
-was allocated before, and GFLOPs are counted on the CPU before the models move to the GPU.
+same function. Nothing here is asserted: it writes numbers.
 """
 
 import argparse
@@ -28,7 +30,7 @@ import re
 import statistics
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from detectron2.config import instantiate
@@ -287,13 +289,19 @@ def gemm_conv_share(fn: Callable[[], None]) -> float:
     return dense / total
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """``HxW`` -> (H, W)."""
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
 # ------------------------------------------------------------------ one model
 def benchmark(
     name: str,
     repeat: int,
     device: str = "cpu",
-    inference_size: Tuple[int, int] = (800, 1216),
-    train_size: Tuple[int, int] = (512, 512),
+    inference_size: tuple[int, int] = (800, 1216),
+    train_size: tuple[int, int] = (512, 512),
 ) -> Dict:
     device = torch.device(device)
     config, hf_builder, arch, paper_gflops = MODELS[name]
@@ -356,12 +364,6 @@ def benchmark(
             row["hf_train_step"]["seconds"] / row["ours_train_step"]["seconds"]
         )
     return row
-
-
-def image_size(text: str) -> Tuple[int, int]:
-    """``HxW`` -> (H, W)."""
-    h, w = text.lower().split("x")
-    return int(h), int(w)
 
 
 def main():
