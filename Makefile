@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) tools/demo.py --output-dir output/demo
+	$(PY) tools/train_demo.py --output-dir output/demo
 
 bench: setup
 	$(PY) tools/bench_ops.py --output output/bench_ops.json

@@ -6,6 +6,7 @@ Config paths are relative to the repository root, e.g.
 """
 
 import os
+from typing import Union
 
 from detectron2.config import LazyConfig, instantiate
 
@@ -43,13 +44,27 @@ def get_config(name: str):
     return LazyConfig.load(config_path(name))
 
 
-def get(name: str, trained: bool = False):
-    """The model of a packaged experiment, built (on CPU) and, with ``trained``, loaded from
-    the config's ``train.init_checkpoint``."""
+def get(name: str, trained: Union[bool, str] = False, *, trust: bool = False):
+    """The model of a packaged experiment, built on CPU (like ``detectron2.model_zoo.get``).
+
+    Args:
+        trained: False for the initial weights; a path or URL of a trained or converted
+            checkpoint (``tools/convert_checkpoint.py``) to load strictly into the model; True
+            for the config's ``train.init_checkpoint``. A URL is verified against its SHA-256
+            (``?sha256=<hex>`` or a torch.hub file name) before it is read.
+        trust: unpickle the checkpoint unrestricted and accept a URL without a known hash
+            (only for files you trust; see :mod:`detr_variants.checkpoint.safe_load`).
+    """
     cfg = get_config(name)
     model = instantiate(cfg.model)
-    if trained:
-        from .checkpoint import Checkpointer
+    if trained is False:
+        return model
+    path = cfg.train.init_checkpoint if trained is True else trained
+    if not path:
+        raise ValueError(
+            f"{name} has no train.init_checkpoint: pass trained=<path or URL of a checkpoint>"
+        )
+    from .checkpoint import load_inference_weights
 
-        Checkpointer(model, strict=True).load(cfg.train.init_checkpoint)
+    load_inference_weights(model, path, trust=trust)
     return model

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 from detr_variants._native import _C
 from detr_variants.layers import (
-    Dropout,
     FeedForward,
     MultiheadAttention,
     dropout,
-    relu_dropout_,
+    dropout_add,
+    ffn_hidden,
     scaled_dot_product_attention,
 )
 
@@ -56,18 +56,28 @@ def test_mask_follows_torch_seed_not_thread_count():
     assert not torch.equal(dropout(x, 0.3, True), dropout(x, 0.3, True))  # a new mask per call
 
 
+def identity_linear(n):
+    linear = torch.nn.Linear(n, n, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(n, dtype=torch.float64))
+        linear.bias.zero_()
+    return linear
+
+
+def ffn_hidden_of(linear):
+    return lambda t, p, training: ffn_hidden(t, linear, F.relu, p, training)
+
+
 @requires_native
-def test_relu_dropout_is_dropout_of_relu_with_the_same_mask_in_place():
+def test_ffn_hidden_is_dropout_of_relu_of_linear_with_one_mask():
     x = torch.randn(3, 257, 129, dtype=torch.float64)
-    expected = seeded(dropout, F.relu(x))
-    out = seeded(relu_dropout_, x)
-    assert out is x and torch.equal(out, expected)  # in place
+    expected = seeded(dropout, F.relu(x))  # one hash stream: the same mask as dropout's
+    out = seeded(ffn_hidden_of(identity_linear(129)), x)
+    assert out.shape == x.shape and torch.equal(out, expected)
 
 
 @requires_native
-@pytest.mark.parametrize(
-    "fn", [dropout, lambda t, p, training: relu_dropout_(t.clone(), p, training)]
-)
+@pytest.mark.parametrize("fn", [dropout, ffn_hidden_of(identity_linear(33))])
 def test_gradient_is_the_mask_times_the_scale(fn):
     x = torch.randn(6, 33, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: seeded(fn, t), (x,))
@@ -80,18 +90,18 @@ def test_gradient_is_the_mask_times_the_scale(fn):
 def test_residual_is_added_in_the_same_pass():
     x = torch.randn(7, 301, dtype=torch.float64, requires_grad=True)
     residual = torch.randn(7, 301, dtype=torch.float64, requires_grad=True)
-    out = seeded(lambda t, p, training: dropout(t, p, training, residual=residual), x)
+    out = seeded(lambda t, p, training: dropout_add(t, residual, p, training), x)
     assert torch.equal(out, residual + seeded(dropout, x))
     grad_x, grad_residual = torch.autograd.grad(out.sum(), [x, residual])
     assert torch.equal(grad_residual, torch.ones_like(residual))
     torch.testing.assert_close(grad_x, (seeded(dropout, x) != 0).double() / 0.7)
     small = (x[:2, :17].detach().requires_grad_(), residual[:2, :17].detach().requires_grad_())
     assert torch.autograd.gradcheck(
-        lambda t, r: seeded(lambda a, p, tr: dropout(a, p, tr, residual=r), t), small
+        lambda t, r: seeded(lambda a, p, tr: dropout_add(a, r, p, tr), t), small
     )
     half, half_residual = x.detach().bfloat16(), residual.detach().bfloat16()  # F.dropout path
     assert torch.equal(
-        seeded(lambda t, p, tr: Dropout(p)(t, residual=half_residual), half),
+        seeded(lambda t, p, tr: dropout_add(t, half_residual, p, tr), half),
         half_residual + seeded(F.dropout, half),
     )
 
@@ -105,16 +115,15 @@ def test_nan_is_kept_as_torch_does():
 def test_identity_at_inference_and_torch_elsewhere():
     x = torch.randn(2, 5, 8)
     assert torch.equal(dropout(x, 0.3, False), x)
-    assert torch.equal(relu_dropout_(x.clone(), 0.3, False), F.relu(x))
+    linear = identity_linear(8).float()
+    assert torch.equal(ffn_hidden(x, linear, F.relu, 0.3, False), F.relu(x))
     half = x.to(torch.bfloat16)  # no native kernel for this dtype: F.dropout
     assert torch.equal(seeded(dropout, half), seeded(F.dropout, half))
     assert torch.equal(dropout(x, 0.0, True), x)
     assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
 
 
-def test_dropout_module_and_ffn_state_dict_match_torch():
-    module = Dropout(0.2)
-    assert isinstance(module, torch.nn.Dropout) and module.p == 0.2 and not module.state_dict()
+def test_ffn_state_dict_and_function_match_the_written_out_ffn():
     ffn = FeedForward(8, 16, dropout=0.2)
     assert set(ffn.state_dict()) == {
         "linear1.weight",
@@ -129,7 +138,7 @@ def test_dropout_module_and_ffn_state_dict_match_torch():
     results = []
     for in_place in (True, False):
         torch.manual_seed(0)
-        if in_place:  # the module: ReLU + dropout in place in the 2-d Linear output
+        if in_place:  # the module: ReLU + dropout in place in linear1's 2-d output
             out = ffn(x)
         else:  # written out: the same masks, nothing in place
             hidden = dropout(F.relu(ffn.linear1(x)), 0.2, True)
@@ -179,7 +188,7 @@ def test_attention_drops_weights_with_probability_p():
 @requires_native
 def test_multihead_attention_matches_torch_and_keeps_its_state_dict():
     torch.manual_seed(0)
-    ours = MultiheadAttention(16, 4, dropout=TINY_P, batch_first=True).double()
+    ours = MultiheadAttention(16, 4, dropout=TINY_P).double()
     reference = torch.nn.MultiheadAttention(16, 4, dropout=0.0, batch_first=True).double()
     reference.load_state_dict(ours.state_dict())
     assert ours.state_dict().keys() == reference.state_dict().keys()
@@ -196,3 +205,21 @@ def test_multihead_attention_matches_torch_and_keeps_its_state_dict():
     torch.testing.assert_close(out, out_ref, rtol=1e-7, atol=1e-7)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+
+def test_multihead_attention_at_inference_and_its_weights_match_torch():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 4, dropout=0.1).eval()
+    reference = torch.nn.MultiheadAttention(16, 4, dropout=0.1, batch_first=True).eval()
+    reference.load_state_dict(ours.state_dict())
+    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, -2:] = True
+    out, weights = ours(q, k, v, key_padding_mask=padding, need_weights=True)
+    out_ref, weights_ref = reference(q, k, v, key_padding_mask=padding, need_weights=True)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights, weights_ref, rtol=1e-5, atol=1e-6)
+    assert weights[0, :, -2:].eq(0).all()  # no weight on padding
+    no_weights, none = ours(q, k, v, key_padding_mask=padding)
+    assert none is None
+    torch.testing.assert_close(no_weights, out, rtol=1e-5, atol=1e-6)

@@ -122,14 +122,14 @@ def test_checkpoint_with_another_class_count_is_refused(tiny_cfg, trained_checkp
 def test_demo_trains_the_default_config_evaluates_and_draws(
     tiny_shapes, tmp_path, monkeypatch, repo_root
 ):
-    """tools/demo.py end to end on the tiny dataset: the default config (Deformable DETR) with its
+    """tools/train_demo.py end to end on the tiny dataset: the default config (Deformable DETR) with its
     demo iteration count, overridden from the command line; the summary and the PNG are written."""
     import importlib.util
 
     from helpers import tiny_run_overrides
 
     spec = importlib.util.spec_from_file_location(
-        "demo", os.path.join(repo_root, "tools", "demo.py")
+        "train_demo", os.path.join(repo_root, "tools", "train_demo.py")
     )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
@@ -144,7 +144,7 @@ def test_demo_trains_the_default_config_evaluates_and_draws(
         sys,
         "argv",
         [
-            "demo.py",
+            "train_demo.py",
             "--output-dir",
             str(out),
             *overrides,

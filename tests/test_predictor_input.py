@@ -24,6 +24,7 @@ def predictor_and_image(tmp_path_factory):
         ["model.encoder.num_layers=1", "model.decoder.num_layers=1", *tiny_run_overrides(out)],
     )
     cfg.train.init_checkpoint = ""
+    cfg.train.allow_random_weights = True  # the explicit opt-in for an untrained predictor
     torch.manual_seed(0)
     path = str(out / "img.png")
     cv2.imwrite(path, np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))

@@ -11,10 +11,7 @@ import re
 
 import pytest
 import torch
-from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
-from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.matcher import Matcher
 from detectron2.solver import LRMultiplier
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -23,15 +20,16 @@ from torch import nn
 
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
 from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
-from detr_variants.engine.train_loop import apply_overrides, clip_parameters, train
+from detr_variants.engine.train_loop import (
+    apply_overrides,
+    clip_parameters,
+    resolve_max_iter,
+    train,
+)
 from detr_variants.engine.trainer import SetPredictionTrainer
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.matcher import RestrictedMatcher, restricted_match
-from detr_variants.modeling.meta_arch.tsp_fcos import random_keep_count
-from detr_variants.modeling.meta_arch.tsp_rcnn import (
-    CascadeTransformerROIHeads,
-    roi_position_encoding,
-)
+from detr_variants.modeling.tsp import fcos_assignment, random_keep_count, roi_position_encoding
 from helpers import image_input
 
 SYNTHETIC = ["tsp/tsp_fcos_r18_synthetic", "tsp/tsp_rcnn_r18_synthetic"]
@@ -52,6 +50,18 @@ def small_model(name, *overrides, seed=0):
     )
     torch.manual_seed(seed)
     return instantiate(apply_overrides(get_config(name), [layers, *overrides]).model)
+
+
+def criterion_inputs(model, batch):
+    """What the training step hands the criterion (outputs and FCOS targets), via a hook."""
+    seen = {}
+    handle = model.criterion.register_forward_pre_hook(lambda m, args: seen.update(args[0]))
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        handle.remove()
+    return seen
 
 
 def batch_with_and_without_objects():
@@ -109,25 +119,171 @@ def test_restricted_matcher_weights_and_empty_input():
 
 
 # ------------------------------------------------------------------ FoI selection and random drop
-def test_fcos_positives_are_always_among_the_selected_fois():
+def test_fcos_positives_outrank_negatives_below_one_half():
+    """Boosted to 0.5·(p + 1) >= 0.5, every positive is selected when no negative scores above
+    that (here: an untrained FoI classifier, then negatives below 0.5)."""
     model = small_model(SYNTHETIC[0], "model.num_fois=60", "model.random_drop=1.0").train()
     batch = batch_with_and_without_objects()
-    images, mask = model.preprocess_image(batch)
-    gt = [x["instances"] for x in batch]
-    with torch.no_grad():
-        out = model.compute_outputs(images, mask, gt)
+    out = criterion_inputs(model, batch)
     positives = out["fcos_labels"] != model.num_classes
     assert positives[0].sum() >= 10 and positives[1].sum() == 0
     assert positives[0].sum() < 60  # fewer positives than FoIs, so all of them must be selected
     for b in range(len(batch)):
         assert set(positives[b].nonzero().flatten().tolist()) <= set(out["selected"][b].tolist())
-    # and also when positives have the lowest objectness of all (scores boosted to >= 0.5)
-    scores = torch.rand(2, 500)
+    # and also when positives have the lowest objectness of all (scores boosted to >= 0.5, and
+    # every negative scores below 0.5)
+    scores = torch.rand(2, 500) * 0.5
     positive = torch.zeros(2, 500, dtype=torch.bool)
     positive[:, :30] = True
     scores[positive] = 0.0
     selected = model.select_fois(scores, torch.ones_like(positive), positive)
     assert all(set(range(30)) <= set(row.tolist()) for row in selected)
+
+
+def _official_sine(h, w, num_pos_feats):
+    """The released ``PositionEmbeddingSine`` (normalize, 2π) of an (h, w) map with no padding:
+    row/column index 1..n divided by n, 10000^(2⌊i/2⌋/F) frequencies, sin/cos interleaved,
+    y then x. (F·2, h·w) → (h·w, 2F)."""
+    scale, eps = 2 * math.pi, 1e-6
+    y = torch.arange(1, h + 1, dtype=torch.float32)[:, None].expand(h, w) / (h + eps) * scale
+    x = torch.arange(1, w + 1, dtype=torch.float32)[None].expand(h, w) / (w + eps) * scale
+    i = torch.arange(num_pos_feats, dtype=torch.float32)
+    freq = 10000 ** (2 * torch.div(i, 2, rounding_mode="floor") / num_pos_feats)
+
+    def enc(v):
+        v = v[..., None] / freq
+        return torch.stack((v[..., 0::2].sin(), v[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    return torch.cat([enc(y), enc(x)], dim=-1).flatten(0, 1)
+
+
+def _encoder_inputs(model):
+    """Records the keyword inputs of every call of the model's transformer encoder."""
+    calls = []
+    model.encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True
+    )
+    return calls
+
+
+def test_padding_to_size_divisibility_counts_as_image_at_batch_size_1():
+    """Released behaviour (issue #13): one 100x140 image is padded to 128x160; the released mask
+    is built at 100x140, so the padding is image: every location can be a FoI, the sine
+    encoding is normalised over the padded map and the encoder gets no padding. Exact up to
+    float32 rounding (atol 1e-5)."""
+    model = small_model(SYNTHETIC[0], "model.num_fois=200").eval()
+    calls = _encoder_inputs(model)
+    images, mask = model.preprocess_image([image_input(100, 140, with_instances=False)])
+    assert tuple(images.tensor.shape[-2:]) == (128, 160)
+    with torch.no_grad():
+        out = model.compute_outputs(images, mask)
+    shapes = [(math.ceil(128 / s), math.ceil(160 / s)) for s in (8, 16, 32, 64, 128)]
+    d = model.level_embed.shape[1]
+    pos = torch.cat(
+        [_official_sine(h, w, d // 2) + model.level_embed[i] for i, (h, w) in enumerate(shapes)]
+    )
+    scores = out["local_logits"][0].sigmoid().max(-1).values
+    assert len(scores) == sum(h * w for h, w in shapes)
+    selected = out["selected"][0]
+    torch.testing.assert_close(calls[-1]["pos"][0], pos[selected], atol=1e-5, rtol=0)
+    assert selected.tolist() == scores.topk(200).indices.tolist()  # padding ranks as image
+    assert not calls[-1]["key_padding_mask"].any() and out["valid"].all()
+
+
+def test_padding_of_other_images_is_masked_by_default_and_official_on_request():
+    """Default: an image's masks, encoding and validity are those it has alone (batch
+    independence); ``official_padding=True``: the released masks of the whole batch."""
+    model = small_model(SYNTHETIC[0]).eval()
+    small, large = image_input(100, 140, with_instances=False), image_input(190, 150, seed=1)
+    dense = {}
+    with torch.no_grad():
+        for name, batch in (("alone", [small]), ("batch", [small, large])):
+            dense[name] = model.dense_outputs(model.preprocess_image(batch)[0])
+        model.official_padding = True
+        official = model.dense_outputs(model.preprocess_image([small, large])[0])
+        official_alone = model.dense_outputs(model.preprocess_image([small])[0])
+    levels_alone, levels_batch = dense["alone"]["levels"], dense["batch"]["levels"]
+    for level in range(5):
+        a = dense["alone"]["pos"][0][levels_alone == level]
+        b = dense["batch"]["pos"][0][levels_batch == level]
+        valid_b = dense["batch"]["valid"][0][levels_batch == level]
+        assert valid_b.sum() == len(a) and dense["alone"]["valid"].all()
+        torch.testing.assert_close(b[valid_b], a, atol=1e-6, rtol=0)  # same cells, same encoding
+    assert not dense["batch"]["valid"][0].all() and dense["batch"]["valid"][1].all()
+    # released: everything valid, the small image's encoding normalised over the padded batch
+    # extent wherever the other image is larger, and equal to the default alone
+    assert official["valid"].all()
+    torch.testing.assert_close(official_alone["pos"], dense["alone"]["pos"], atol=0, rtol=0)
+    assert not torch.allclose(official["pos"][0], dense["batch"]["pos"][0], atol=1e-3)
+
+
+def test_fcos_scale_ranges_include_their_bounds():
+    """A 128-px GT centred on a P3 location: max(l, t, r, b) = 64 exactly there, which the
+    released ``[-1, 64]`` range of P3 includes (detectron2's strict one excludes it)."""
+    model = small_model(SYNTHETIC[0], "model.random_drop=1.0").train()
+    batch = [image_input(160, 160, [[4.0, 4.0, 132.0, 132.0]], [3])]
+    out = criterion_inputs(model, batch)
+    p3_width = 160 // 8
+    location = 8 * p3_width + 8  # P3 row 8, column 8: (68, 68), the GT centre
+    assert out["fcos_labels"][0, location] == 3
+    torch.testing.assert_close(out["fcos_reg_targets"][0, location], torch.full((4,), 8.0))
+    # the P4 location (72, 72): max distance 68, in P4's [64, 128] only
+    assert out["fcos_labels"][0, 20 * 20 + 4 * 10 + 4] == 3
+
+
+def test_fcos_ties_go_to_the_smaller_area_exactly():
+    """GTs of areas 1003 (listed first) and 1000 both claim two locations: the released min-area
+    rule gives them to the 1000 px² one; detectron2 ranks 1e8 - area in float32 (steps of 8)
+    and keeps the first."""
+    boxes = torch.tensor([[100.0, 100, 117, 159], [100.0, 100, 125, 140]])
+    points = torch.tensor([[100.0 + x, 100.0 + y] for y in range(1, 60) for x in range(1, 25)])
+    ranges = torch.tensor([[-1.0, math.inf]]).expand(len(points), 2)
+    strides = torch.full((len(points),), 8.0)
+    alone = [
+        fcos_assignment(points, strides, ranges, boxes[k : k + 1], torch.tensor([k]), 80)[1] >= 0
+        for k in range(2)
+    ]
+    shared = alone[0] & alone[1]
+    labels, index, _ = fcos_assignment(points, strides, ranges, boxes, torch.tensor([1, 2]), 80)
+    assert shared.sum() > 0 and (index[shared] == 1).all() and (labels[shared] == 2).all()
+
+
+def test_fcos_training_targets_break_ties_by_exact_area():
+    """The same two GTs in a training step: the P3 locations inside both go to the second."""
+    boxes = torch.tensor([[100.0, 100, 117, 159], [100.0, 100, 125, 140]])
+    model = small_model(SYNTHETIC[0], "model.random_drop=1.0").train()
+    out = criterion_inputs(model, [image_input(192, 192, boxes.tolist(), [1, 2])])
+    xy = torch.tensor([[4.0 + 8 * (i % 24), 4.0 + 8 * (i // 24)] for i in range(24 * 24)])
+    # candidates of a GT: inside it and within 1.5 strides of its centre (max distance < 64)
+    near = [
+        ((xy > b[:2]) & (xy < b[2:]) & ((xy - (b[:2] + b[2:]) / 2).abs() < 12)).all(1)
+        for b in boxes
+    ]
+    both = torch.nonzero(near[0] & near[1]).squeeze(1)
+    assert len(both) > 0 and (out["fcos_gt_index"][0, both] == 1).all()
+
+
+def test_fcos_positives_rank_with_the_released_half_boost():
+    """Training FoI ranking as released: positives score 0.5·(p + 1), so negatives above that
+    outrank them (issue #13: the project had added 1 more)."""
+    model = small_model(SYNTHETIC[0], "model.num_fois=40", "model.random_drop=1.0").train()
+    g = torch.Generator().manual_seed(0)
+
+    def spread_logits(module, args, output):  # distinct objectness over (-6, 6)
+        logits = [torch.full_like(x, -20.0) for x in output[0]]
+        for x in logits:
+            x[:, 0] = torch.rand(x[:, 0].shape, generator=g) * 12 - 6
+        return (logits, *output[1:])
+
+    model.foi_head.register_forward_hook(spread_logits)
+    batch = [image_input(160, 192, [[10.0, 10, 60, 70], [50, 40, 120, 110]], [1, 2])]
+    out = criterion_inputs(model, batch)
+    p = out["local_logits"][0].sigmoid().max(-1).values
+    positive = out["fcos_labels"][0] != model.num_classes
+    expected = torch.where(positive, 0.5 * (p + 1), p).topk(40).indices
+    assert out["selected"][0].tolist() == expected.tolist()
+    left_out = positive.sum() - positive[expected].sum()
+    assert 0 < left_out < positive.sum()  # the case where the rankings differ
 
 
 def test_random_drop_keeps_70_to_100_percent():
@@ -188,6 +344,21 @@ def test_roi_position_encoding_on_a_known_box():
 
 
 # ------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name", ["tsp/tsp_fcos_r50_36ep", "tsp/tsp_rcnn_r50_96ep"])
+def test_warmup_covers_the_released_images_whatever_the_batch_size(name):
+    """The released warmup is 1000 iterations at batch 16; resolved from epochs it ends after
+    the same 16,000 COCO train2017 images (117,266 with annotations) at batch 16 and at 4."""
+    cfg = get_config(name)
+    for batch in (16, 4):
+        max_iter = resolve_max_iter(cfg.train, 117266, batch)
+        schedule = instantiate(cfg.lr_multiplier)
+        ramp = [schedule(i / max_iter) for i in range(0, 20000 // batch)]
+        warm = next(i for i, v in enumerate(ramp) if v == 1.0)
+        assert ramp[0] == pytest.approx(0.001) and all(a < b for a, b in zip(ramp, ramp[1:warm]))
+        # one iteration of rounding, plus fvcore's 1e-6 of training (WHERE_EPSILON)
+        assert abs(warm - 16000 / batch) <= 1 + 1e-6 * max_iter, (batch, warm)
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_configs_instantiate(name):
     cfg = get_config(name)
@@ -361,57 +532,6 @@ def test_rcnn_class_loss_matches_the_lowest_cost_candidate():
     expected = (ce * focal * weight).sum() / (weight.sum() + 1e-6)
     assert losses["loss_cls"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert losses["loss_box_reg"].item() > 0  # RoI 1 has a box error
-
-
-def test_cascade_option_trains_and_predicts():
-    cfg = apply_overrides(
-        get_config(SYNTHETIC[1]), ["model.roi_heads.box_head.encoder.num_layers=1"]
-    )
-    heads = cfg.model.roi_heads
-    predictors = []
-    for weights in ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0)):
-        p = copy.deepcopy(heads.box_predictor)
-        p.update(
-            cls_agnostic_bbox_reg=True,
-            box2box_transform=L(Box2BoxTransform)(weights=weights),
-            num_classes=cfg.model.roi_heads.num_classes,
-            hidden_dim=heads.box_head.hidden_dim,
-        )
-        predictors.append(p)
-    box_head = copy.deepcopy(
-        heads.box_head
-    )  # in a list, relative interpolations would change meaning
-    box_head.in_channels = cfg.model.backbone.out_channels
-    box_head.encoder.layer.d_model = box_head.encoder.norm.normalized_shape = box_head.hidden_dim
-    heads.update(
-        _target_=CascadeTransformerROIHeads,
-        box_heads=[box_head, copy.deepcopy(box_head)],
-        box_predictors=predictors,
-        proposal_matchers=[
-            L(Matcher)(thresholds=[t], labels=[0, 1], allow_low_quality_matches=False)
-            for t in (0.5, 0.7)
-        ],
-    )
-    for key in ("box_head", "box_predictor", "proposal_matcher"):
-        del heads[key]
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).train()
-    losses = model(batch_with_and_without_objects())
-    assert {"loss_cls_stage0", "loss_cls_stage1", "loss_box_reg_stage1"} <= set(losses)
-    assert all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    model.eval()
-    with torch.no_grad():
-        assert len(model([image_input(96, 96, with_instances=False)])[0]["instances"]) > 0
-    # the released cascade's names (box_head.<stage>.*) convert too
-    reference = {
-        k: torch.randn_like(v) if v.dtype.is_floating_point else v
-        for k, v in model.state_dict().items()
-    }
-    converted = convert_checkpoint(_official_rcnn_names(reference), "official", "tsp_rcnn")
-    assert set(converted) == set(reference) and all(
-        torch.equal(converted[k], v) for k, v in reference.items()
-    )
 
 
 # ------------------------------------------------------------------ hybrid optimizer and clipping
@@ -680,3 +800,202 @@ def test_official_converter_round_trip(name, arch, inverse):
         convert_checkpoint(
             {"model": official | {"some.unknown.weight": torch.zeros(1)}}, "official", arch
         )
+
+
+# ------------------------------------------------------------------ converters vs official forwards
+def _perturbed(model, scale=0.05, seed=0):
+    """The model's state with every float entry perturbed, so that every row and tensor is
+    distinguishable (variances kept positive)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        if not v.dtype.is_floating_point:
+            out[k] = v
+        elif k.endswith("running_var"):
+            out[k] = v * (1 + 0.5 * torch.rand(v.shape, generator=g))
+        else:
+            out[k] = v + scale * torch.randn(v.shape, generator=g)
+    return out
+
+
+def _official_encoder(sd, prefix, x, pos, nhead, key_padding_mask=None):
+    """The released pre-norm ``TransformerEncoder`` (``forward_pre``, eval) on (B, N, d), read
+    from official names: norm1 → self-attention (q = k = x + pos) → norm2 → linear1/ReLU/linear2,
+    then the final ``norm``."""
+    d = x.shape[-1]
+    layers = sorted(
+        {int(k[len(prefix) :].split(".")[1]) for k in sd if k.startswith(prefix + "layers.")}
+    )
+    for i in layers:
+        p = f"{prefix}layers.{i}."
+        h = nn.functional.layer_norm(x, (d,), sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+        q = (h + pos).transpose(0, 1)
+        attn = nn.functional.multi_head_attention_forward(
+            q,
+            q,
+            h.transpose(0, 1),
+            d,
+            nhead,
+            sd[p + "self_attn.in_proj_weight"],
+            sd[p + "self_attn.in_proj_bias"],
+            None,
+            None,
+            False,
+            0.0,
+            sd[p + "self_attn.out_proj.weight"],
+            sd[p + "self_attn.out_proj.bias"],
+            training=False,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+        )[0]
+        x = x + attn.transpose(0, 1)
+        h = nn.functional.layer_norm(x, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+        h = nn.functional.linear(h, sd[p + "linear1.weight"], sd[p + "linear1.bias"]).relu()
+        x = x + nn.functional.linear(h, sd[p + "linear2.weight"], sd[p + "linear2.bias"])
+    return nn.functional.layer_norm(x, (d,), sd[prefix + "norm.weight"], sd[prefix + "norm.bias"])
+
+
+def _official_bn(x, sd, p):
+    return nn.functional.batch_norm(
+        x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=1e-5
+    )
+
+
+def _official_top_block(sd, p5):
+    """``LastLevelMaxPoolV2``: P6 = BN(conv_s2(P5)), P7 = BN(conv_s2(ReLU(P6)))."""
+    out = []
+    for name, x in (("p6", p5), ("p7", None)):
+        x = p5 if name == "p6" else out[-1].relu()
+        p = f"backbone.top_block.{name}."
+        x = nn.functional.conv2d(x, sd[p + "conv.weight"], sd.get(p + "conv.bias"), 2, 1)
+        out.append(_official_bn(x, sd, p + "bn."))
+    return out
+
+
+def test_official_fcos_checkpoint_gives_the_official_head_outputs():
+    """A converted official-named TSP-FCOS state (every entry distinct) reproduces, per class
+    and FoI, what the released forward computes from the official names: P6/P7, the FCOS
+    towers and FoI logits, and the transformer part (enc_proj, post_enc_proj_norm, pyramid
+    embedding, pre-norm encoder, cls_logits/ctrness/bbox_pred·scales). A swapped row or name
+    fails it. Tolerance 1e-4 (float32, different op order)."""
+    model = small_model(SYNTHETIC[0], "model.num_fois=50").eval()
+    official = _official_fcos_names(_perturbed(model))
+    model.load_state_dict(convert_checkpoint({"model": official}, "official", "tsp_fcos"))
+    sd, tol = official, dict(atol=1e-4, rtol=1e-4)
+    images, _ = model.preprocess_image([image_input(96, 128, with_instances=False)])
+    with torch.no_grad():
+        feats = model.backbone(images.tensor)
+        dense = model.dense_outputs(images)
+        selected = model.select_fois(dense["scores"], dense["valid"])
+        out = model.encode(dense, selected)
+        levels = model.in_features
+        for ref, name in zip(_official_top_block(sd, feats["p5"]), ("p6", "p7")):
+            torch.testing.assert_close(feats[name], ref, **tol)
+        towers, logits = {}, []
+        for head in ("cls", "bbox"):
+            towers[head] = []
+            for level in levels:
+                x = feats[level]
+                for j in range(model.foi_head.cls_subnet.__len__() // 3):
+                    p = f"fcos_head.{head}_tower."
+                    x = nn.functional.conv2d(
+                        x, sd[f"{p}{3 * j}.weight"], sd[f"{p}{3 * j}.bias"], 1, 1
+                    )
+                    gn = sd[f"{p}{3 * j + 1}.weight"], sd[f"{p}{3 * j + 1}.bias"]
+                    x = nn.functional.group_norm(x, 32, *gn).relu()
+                towers[head].append(x)
+        for x in towers["cls"]:
+            w, b = sd["fcos_head.cls_logits.weight"], sd["fcos_head.cls_logits.bias"]
+            logits.append(nn.functional.conv2d(x, w, b, 1, 1).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(dense["local_logits"], torch.cat(logits, 1), **tol)
+        joint = torch.cat(
+            [torch.cat([c, b], 1).flatten(2).transpose(1, 2) for c, b in zip(*towers.values())], 1
+        )[0, selected[0]]
+        x = nn.functional.linear(joint, sd["enc_proj.weight"], sd["enc_proj.bias"])
+        x = nn.functional.layer_norm(
+            x, x.shape[-1:], sd["post_enc_proj_norm.weight"], sd["post_enc_proj_norm.bias"]
+        )
+        level = dense["levels"][selected[0]]
+        sine = dense["pos"][0, selected[0]] - model.level_embed[level]  # checked above
+        pos = sine + sd["pyramid_position_embedding"][level]
+        memory = _official_encoder(sd, "transformer_encoder.", x[None], pos[None], 8)[0]
+        cls = nn.functional.linear(memory, sd["cls_logits.weight"], sd["cls_logits.bias"])
+        ctr = nn.functional.linear(memory, sd["ctrness.weight"], sd["ctrness.bias"])[:, 0]
+        reg = nn.functional.linear(memory, sd["bbox_pred.weight"], sd["bbox_pred.bias"]).relu()
+        reg = reg * sd["scales"][level, None]
+    torch.testing.assert_close(out["pred_logits"][0], cls, **tol)
+    torch.testing.assert_close(out["pred_ctrness"][0], ctr, **tol)
+    torch.testing.assert_close(out["pred_ltrb"][0], reg, **tol)
+    assert cls.std(0).min() > 1e-3  # the classes are told apart
+
+
+def test_official_rcnn_checkpoint_gives_the_official_head_outputs():
+    """The same for TSP-RCNN: P6/P7, the RPN towers (``obj_conv``/``anchor_conv`` with the
+    per-level ``*_bn_list``) and the box head (input_proj + dec_pos_embed_proj(RoI encoding) →
+    post_input_proj_norm → encoder → cls_score rows / bbox_pred MLP). Tolerance 1e-4."""
+    model = small_model(SYNTHETIC[1]).eval()
+    official = _official_rcnn_names(_perturbed(model, scale=0.01))
+    model.load_state_dict(convert_checkpoint({"model": official}, "official", "tsp_rcnn"))
+    sd, tol = official, dict(atol=1e-4, rtol=1e-4)
+    seen = {}
+    model.proposal_generator.rpn_head.register_forward_hook(
+        lambda m, args, out: seen.update(rpn_in=args[0], rpn_out=out)
+    )
+    model.roi_heads.box_head.register_forward_hook(
+        lambda m, args, out: seen.update(pooled=args[0], proposals=args[1])
+    )
+    model.roi_heads.box_predictor.register_forward_hook(
+        lambda m, args, out: seen.update(predictions=out)
+    )
+    with torch.no_grad():
+        feats = model.backbone(
+            model.preprocess_image([image_input(96, 128, with_instances=False)]).tensor
+        )
+        for ref, name in zip(_official_top_block(sd, feats["p5"]), ("p6", "p7")):
+            torch.testing.assert_close(feats[name], ref, **tol)
+        model([image_input(96, 128, with_instances=False)])
+        rpn = "proposal_generator.rpn_head."
+        for level, x in enumerate(seen["rpn_in"]):
+            for tower, out_name, out in (
+                ("obj", "objectness_logits", seen["rpn_out"][0]),
+                ("anchor", "anchor_deltas", seen["rpn_out"][1]),
+            ):
+                t = x
+                for j in range(len(model.proposal_generator.rpn_head.obj_convs)):
+                    p = f"{rpn}{tower}_conv.{j}.conv."
+                    t = nn.functional.conv2d(t, sd[p + "weight"], sd[p + "bias"], 1, 1)
+                    t = _official_bn(t, sd, f"{rpn}{tower}_bn_list.{level}.{j}.").relu()
+                ref = nn.functional.conv2d(
+                    t, sd[f"{rpn}{out_name}.weight"], sd[f"{rpn}{out_name}.bias"]
+                )
+                torch.testing.assert_close(out[level], ref, **tol)
+        (props,) = seen["proposals"]
+        box = "roi_heads.box_head."
+        pe = roi_position_encoding(
+            props.proposal_boxes.tensor, props.image_size, model.roi_heads.box_head.hidden_dim // 8
+        )
+        x = nn.functional.linear(
+            seen["pooled"].flatten(1), sd[box + "input_proj.weight"], sd[box + "input_proj.bias"]
+        )
+        x = x + nn.functional.linear(
+            pe, sd[box + "dec_pos_embed_proj.weight"], sd[box + "dec_pos_embed_proj.bias"]
+        )
+        x = nn.functional.layer_norm(
+            x,
+            x.shape[-1:],
+            sd[box + "post_input_proj_norm.weight"],
+            sd[box + "post_input_proj_norm.bias"],
+        )
+        memory = _official_encoder(sd, box + "transformer_encoder.", x[None], pe[None], 8)[0]
+        pred = "roi_heads.box_predictor."
+        scores = nn.functional.linear(
+            memory, sd[pred + "cls_score.weight"], sd[pred + "cls_score.bias"]
+        )
+        deltas = memory
+        for j in range(3):
+            p = f"{pred}bbox_pred.layers.{j}."
+            deltas = nn.functional.linear(deltas, sd[p + "weight"], sd[p + "bias"])
+            deltas = deltas.relu() if j < 2 else deltas
+    torch.testing.assert_close(seen["predictions"][0], scores, **tol)
+    torch.testing.assert_close(seen["predictions"][1], deltas, **tol)
+    assert len(props) > 10 and scores.std(0).min() > 1e-3

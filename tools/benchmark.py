@@ -18,27 +18,48 @@ ours and HF's runs interleaved (see ``measure``); the peak resident-memory incre
 convolutions (torch.profiler). The HF model is random-initialised with the architecture of the
 COCO checkpoint, converted with ``convert_checkpoint`` and loaded into ours, so both compute the
 same function. Nothing here is asserted: it writes numbers.
+
+Any config, as detectron2's ``tools/benchmark.py`` (iterations per second, peak memory, JSON):
+
+    python tools/benchmark.py --config-file projects/detr/configs/detr_r18_synthetic.py --task train
+    python tools/benchmark.py --config-file CFG --task eval --iters 20 [key=value ...]
+
+``--task train`` times training steps (``SetPredictionTrainer.run_step``: forward, backward,
+clipping, optimiser) on the first batches of the training loader, cycled, so loading is not timed;
+``eval`` times inference on the first test batches the same way; ``data`` times the training
+loader alone. Peak memory: the resident-memory increase during the timed iterations (sampled
+every 5 ms), the process's peak RSS, and on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 import argparse
 import ctypes
 import gc
+import itertools
 import json
-import math
 import os
 import re
+import resource
 import statistics
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
-from detectron2.config import instantiate
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 
 import detr_variants  # noqa: F401
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
+from detr_variants.engine import SetPredictionTrainer, autocast_dtype
+from detr_variants.engine.train_loop import (
+    apply_overrides,
+    build_model,
+    build_train_loader,
+    clip_parameters,
+)
 from detr_variants.model_zoo import get_config
+from detr_variants.utils.analysis import flop_count_analysis
 
 # ------------------------------------------------------------------ HF peers
 # the official models (and ours) drop out attention weights and FFN activations at 0.1; HF's
@@ -215,26 +236,8 @@ def measure(
 
 
 def gflops(model, image: torch.Tensor) -> Optional[float]:
-    from fvcore.nn import FlopCountAnalysis
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
-            out = self.model.compute_outputs(ImageList(x, [tuple(x.shape[-2:])] * x.shape[0]), mask)
-            return out["pred_logits"], out["pred_boxes"]
-
-    def attention_flops(inputs, outputs):
-        # q (..., L, E) @ k (..., S, E)^T, then (..., L, S) @ v (..., S, Ev): one MAC = one flop
-        q, k, v = (i.type().sizes() for i in list(inputs)[:3])
-        batch = math.prod(q[:-2])
-        return batch * q[-2] * k[-2] * (q[-1] + v[-1])
-
-    analysis = FlopCountAnalysis(Wrapper().eval(), (image,))
-    analysis.set_op_handle("aten::scaled_dot_product_attention", attention_flops)
+    """GFLOPs of ``model``'s inference on ``image`` (1, 3, H, W), one multiply-add = one flop."""
+    analysis = flop_count_analysis(model.eval(), [{"image": image[0]}])
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return analysis.total() / 1e9
 
@@ -366,7 +369,88 @@ def benchmark(
     return row
 
 
-def main():
+# ------------------------------------------------------------------ any config
+def first_batches(loader, n: int) -> List:
+    """The first ``n`` batches of ``loader`` (fewer when it is shorter)."""
+    return list(itertools.islice(loader, n))
+
+
+def build_trainer(cfg) -> SetPredictionTrainer:
+    """The trainer ``tools/train_net.py`` runs (AMP, clipping, optimiser of the config), without
+    hooks, on the first 10 batches of the training loader, cycled."""
+    model = build_model(cfg)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    loader, _ = build_train_loader(cfg)
+    clip = cfg.train.clip_grad
+    return SetPredictionTrainer(
+        model,
+        itertools.cycle(first_batches(loader, 10)),
+        optimizer,
+        amp_dtype=autocast_dtype(cfg.train.amp.enabled, cfg.train.amp.dtype, model.device.type),
+        clip_max_norm=clip.max_norm if clip.enabled else 0.0,
+        clip_params=clip_parameters(model, clip.get("params")),
+    )
+
+
+def task_step(cfg, task: str) -> Callable[[], None]:
+    """One iteration of ``task``: a training step, a batch of inference, or a loaded batch."""
+    if task == "train":
+        return build_trainer(cfg).run_step
+    if task == "eval":
+        model = build_model(cfg).eval()
+        batches = itertools.cycle(first_batches(instantiate(cfg.dataloader.test), 10))
+
+        def step():
+            with torch.no_grad():
+                model(next(batches))
+
+        return step
+    loader = iter(build_train_loader(cfg)[0])
+    return lambda: next(loader)
+
+
+def benchmark_config(cfg, task: str, iters: int, warmup: int) -> Dict:
+    """Iterations per second of ``task`` over ``iters`` iterations after ``warmup``, and the
+    peak memory of the timed iterations."""
+    with EventStorage(0):  # where a training step writes its metrics
+        return _benchmark_step(task_step(cfg, task), cfg, task, iters, warmup)
+
+
+def _benchmark_step(step: Callable[[], None], cfg, task: str, iters: int, warmup: int) -> Dict:
+    cuda = torch.cuda.is_available() and str(cfg.train.device).startswith("cuda")
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = []
+
+    def timed():
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+
+    row = {"task": task, "iters": iters, "warmup": warmup, "device": str(cfg.train.device)}
+    row["peak_rss_increase_mb"] = peak_rss_increase_mb(timed)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    row["iters_per_second"] = iters / sum(seconds)
+    row["seconds_median"] = statistics.median(seconds)
+    if cuda:
+        row["cuda_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def write_json(path: str, content: Dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -376,25 +460,31 @@ def main():
     parser.add_argument("--train-size", type=image_size, default=(512, 512), metavar="HxW")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--output", default="output/benchmark.json")
-    args = parser.parse_args()
+    parser.add_argument("--output", help="JSON file (default output/benchmark[_TASK].json)")
+    parser.add_argument("--config-file", metavar="FILE", help="benchmark this config's --task")
+    parser.add_argument("--task", choices=("train", "eval", "data"), default="train")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations (--config-file)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first iterations")
+    parser.add_argument("opts", nargs="*", help="config overrides (--config-file), key=value")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.config_file:
+        cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        row = dict(config=args.config_file, threads=args.threads, torch=torch.__version__)
+        row.update(benchmark_config(cfg, args.task, args.iters, args.warmup))
+        print(json.dumps(row, indent=1))
+        write_json(args.output or f"output/benchmark_{args.task}.json", row)
+        return row
+    if args.opts:
+        parser.error("config overrides need --config-file")
     rows = []
     for name in args.models:
         rows.append(benchmark(name, args.repeat, args.device, args.inference_size, args.train_size))
         print(json.dumps(rows[-1], indent=1), flush=True)
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(
-            {
-                "device": args.device,
-                "threads": args.threads,
-                "torch": torch.__version__,
-                "rows": rows,
-            },
-            f,
-            indent=2,
-        )
+    write_json(
+        args.output or "output/benchmark.json",
+        {"device": args.device, "threads": args.threads, "torch": torch.__version__, "rows": rows},
+    )
 
     def cell(row, key):
         return (

@@ -4,24 +4,17 @@
     python tools/convert_checkpoint.py --source official --arch deformable_detr r50_deformable_detr.pth out.pth
     python tools/convert_checkpoint.py --source hf --arch conditional_detr pytorch_model.bin out.pth
 
-The output holds ``{"model": state_dict}`` and loads with ``DetectionCheckpointer`` (set
+The input is a path or a URL (verified against its SHA-256: ``?sha256=<hex>`` or a torch.hub
+file name). It is unpickled with an allow-list of the types released checkpoints hold (tensors,
+``argparse.Namespace``, numpy arrays); ``--trust-checkpoint`` lifts it for files you trust. The
+output holds ``{"model": state_dict}`` and loads with ``DetectionCheckpointer`` (set
 ``train.init_checkpoint`` to it).
 """
 
 import argparse
 
-import torch
-
 import detr_variants  # noqa: F401  (registers the converters)
-from detr_variants.checkpoint import convert_checkpoint
-
-
-def load_state_dict(path: str):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+from detr_variants.checkpoint import atomic_torch_save, convert_checkpoint, load_checkpoint_file
 
 
 def main():
@@ -30,11 +23,19 @@ def main():
     )
     parser.add_argument("--source", required=True, choices=["official", "hf"])
     parser.add_argument("--arch", required=True)
-    parser.add_argument("input")
+    parser.add_argument("input", help="checkpoint path or URL")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the input unrestricted and accept a URL without a known SHA-256 "
+        "(only for files from a source you trust)",
+    )
     parser.add_argument("output")
     args = parser.parse_args()
-    converted = convert_checkpoint(load_state_dict(args.input), args.source, args.arch)
-    torch.save(
+    converted = convert_checkpoint(
+        load_checkpoint_file(args.input, trust=args.trust_checkpoint), args.source, args.arch
+    )
+    atomic_torch_save(
         {"model": converted, "__author__": f"{args.source} {args.arch} via detr_variants"},
         args.output,
     )

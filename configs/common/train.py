@@ -1,8 +1,14 @@
 # Training defaults shared by every experiment (overridden per experiment / on the command line).
+from detr_variants.engine.defaults import resolve_device
+
 train = dict(
     output_dir="./output",
-    init_checkpoint="",
-    device="auto",  # cuda when available, else cpu
+    init_checkpoint="",  # path or URL (pin a URL's file with "?sha256=<hex>")
+    trust_checkpoint=False,  # True: unpickle checkpoints unrestricted (only files you trust)
+    allow_random_weights=False,  # True: --eval-only / the predictor without a checkpoint
+    # "cuda" when available, else "cpu", resolved when the config is loaded: detectron2's own tools
+    # call model.to(cfg.train.device) directly. "auto" stays accepted as an override.
+    device=str(resolve_device("auto")),
     epochs=None,  # converted to iterations from the dataset size and total batch size
     max_iter=None,  # when set, wins over epochs
     amp=dict(enabled=False, dtype="bfloat16"),  # bfloat16 on CPU; float16 or bfloat16 on CUDA

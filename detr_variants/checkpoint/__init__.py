@@ -1,14 +1,31 @@
-"""Checkpoint loading (strict where a mismatch would give silently wrong results) and
+"""Checkpoint loading (allow-listed unpickling, verified downloads, strict where a mismatch would give silently wrong results) and
 converters from official and HF-transformers checkpoints."""
 
 from . import conditional_detr, deformable_detr, smca, tsp  # noqa: F401  (register their converters)
 from .convert import COCO_THING_IDS, convert_checkpoint, register_converter
-from .loading import Checkpointer, CheckpointMismatchError
+from .loading import (
+    Checkpointer,
+    CheckpointMismatchError,
+    atomic_torch_save,
+    load_inference_weights,
+)
+from .safe_load import (
+    ChecksumError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint_file,
+)
 
 __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
+    "ChecksumError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
     "COCO_THING_IDS",
+    "atomic_torch_save",
     "convert_checkpoint",
+    "load_checkpoint_file",
+    "load_inference_weights",
     "register_converter",
 ]

@@ -41,18 +41,18 @@ _FCOS: List[Tuple[str, str]] = _COMMON + [
 ]
 
 _RPN = r"^proposal_generator\.rpn_head\."
-_BOX = r"^roi_heads\.box_head\.((?:\d+\.)?)"
+_BOX = r"^roi_heads\.box_head\."
 _RCNN: List[Tuple[str, str]] = _COMMON + [
     (_RPN + r"obj_conv\.(\d+)\.conv\.", r"proposal_generator.rpn_head.obj_convs.\1."),
     (_RPN + r"anchor_conv\.(\d+)\.conv\.", r"proposal_generator.rpn_head.anchor_convs.\1."),
     (_RPN + r"obj_bn_list\.", "proposal_generator.rpn_head.obj_norms."),
     (_RPN + r"anchor_bn_list\.", "proposal_generator.rpn_head.anchor_norms."),
     (_RPN + r"(objectness_logits|anchor_deltas)\.", r"proposal_generator.rpn_head.\1."),
-    (_BOX + r"transformer_encoder\.", r"roi_heads.box_head.\1encoder."),
-    (_BOX + r"post_input_proj_norm\.", r"roi_heads.box_head.\1input_norm."),
-    (_BOX + r"dec_pos_embed_proj\.", r"roi_heads.box_head.\1pos_proj."),
-    (_BOX + r"input_proj\.", r"roi_heads.box_head.\1input_proj."),
-    (r"^(roi_heads\.box_predictor\.(?:\d+\.)?(cls_score|bbox_pred)\.)", r"\1"),
+    (_BOX + r"transformer_encoder\.", "roi_heads.box_head.encoder."),
+    (_BOX + r"post_input_proj_norm\.", "roi_heads.box_head.input_norm."),
+    (_BOX + r"dec_pos_embed_proj\.", "roi_heads.box_head.pos_proj."),
+    (_BOX + r"input_proj\.", "roi_heads.box_head.input_proj."),
+    (r"^(roi_heads\.box_predictor\.(cls_score|bbox_pred)\.)", r"\1"),
 ]
 
 _DROPPED = re.compile(r"^(pixel_mean|pixel_std)$|anchor_generator\.cell_anchors\.")
@@ -94,6 +94,7 @@ def convert_official_fcos(state_dict: StateDict) -> StateDict:
 
 @register_converter("official", "tsp_rcnn")
 def convert_official_rcnn(state_dict: StateDict) -> StateDict:
-    """Official TSP-RCNN (``GeneralizedRCNN`` + ``TransformerROIHeads``, or the cascade heads)
-    checkpoint → :class:`TSPRCNN` (``tsp/tsp_rcnn_*`` configs)."""
+    """Official TSP-RCNN (``GeneralizedRCNN`` + ``TransformerROIHeads``) checkpoint →
+    :class:`TSPRCNN` (``tsp/tsp_rcnn_*`` configs). The released scripts never train the
+    cascade heads; their per-stage names (``box_head.<stage>.``) are refused as not understood."""
     return _convert(state_dict, _RCNN, "TSP-RCNN")

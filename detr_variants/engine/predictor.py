@@ -9,15 +9,15 @@ import torch
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
 
-from ..checkpoint import Checkpointer
+from ..checkpoint import load_inference_weights
 from ..data.image_io import SUPPORTED_FORMATS, read_image
 from .defaults import resolve_device
 
 
 class DefaultPredictor:
     """Builds ``cfg.model``, loads ``cfg.train.init_checkpoint`` (strictly: a checkpoint for
-    another class count raises), and predicts one image at a time with the test-time resize of
-    ``cfg.dataloader.test``.
+    another class count raises; an empty one raises unless ``train.allow_random_weights``), and
+    predicts one image at a time with the test-time resize of ``cfg.dataloader.test``.
 
     ``predictor(image)`` takes an HxWx3 uint8 array in BGR order (as ``cv2.imread`` gives; RGB
     with ``format="RGB"``) or a path to an image file, and returns ``{"instances": Instances}``
@@ -28,8 +28,12 @@ class DefaultPredictor:
         self.cfg = cfg
         self.model = instantiate(cfg.model).to(resolve_device(cfg.train.get("device", "auto")))
         self.model.eval()
-        if cfg.train.get("init_checkpoint"):
-            Checkpointer(self.model, strict=True).load(cfg.train.init_checkpoint)
+        load_inference_weights(
+            self.model,
+            cfg.train.get("init_checkpoint", ""),
+            trust=cfg.train.get("trust_checkpoint", False),
+            allow_random_weights=cfg.train.get("allow_random_weights", False),
+        )
         self.augmentations = T.AugmentationList(
             list(instantiate(cfg.dataloader.test.mapper.augmentations))
         )

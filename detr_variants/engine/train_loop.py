@@ -15,7 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint import Checkpointer
+from ..checkpoint import Checkpointer, load_inference_weights
 from .defaults import resolve_device
 from .ema import EMAHook, ModelEMA
 from .trainer import SetPredictionTrainer, autocast_dtype, create_ddp_model
@@ -139,9 +139,15 @@ def build_model(cfg):
 
 
 def evaluate(cfg) -> Dict:
-    """``--eval-only``: load ``train.init_checkpoint`` strictly and evaluate."""
+    """``--eval-only``: load ``train.init_checkpoint`` strictly and evaluate (an empty one
+    raises unless ``train.allow_random_weights``)."""
     model = build_model(cfg)
-    Checkpointer(model, strict=True).load(cfg.train.init_checkpoint)
+    load_inference_weights(
+        model,
+        cfg.train.init_checkpoint,
+        trust=cfg.train.get("trust_checkpoint", False),
+        allow_random_weights=cfg.train.get("allow_random_weights", False),
+    )
     return do_test(cfg, create_ddp_model(model))
 
 
@@ -192,7 +198,12 @@ def train(cfg, resume: bool = False) -> Dict:
         clip_params=clip_parameters(model, clip.get("params")),
     )
     checkpointables = {"trainer": trainer} | ({"ema": ema} if ema is not None else {})
-    checkpointer = Checkpointer(model, cfg.train.output_dir, **checkpointables)
+    checkpointer = Checkpointer(
+        model,
+        cfg.train.output_dir,
+        trust=cfg.train.get("trust_checkpoint", False),
+        **checkpointables,
+    )
     eval_model = ema.module if ema is not None else model
     last_results: Dict = {}
 

@@ -7,7 +7,7 @@ from .box_ops import (
     generalized_box_iou,
     inverse_sigmoid,
 )
-from .dropout import Dropout, dropout, relu_dropout_
+from .dropout import dropout, dropout_add, ffn_hidden
 from .mlp import MLP
 from .ms_deform_attn import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_pytorch
 from .position_encoding import (

@@ -1,9 +1,10 @@
-"""Scaled dot-product attention whose attention-weight dropout is :func:`~.dropout.dropout`.
+"""Multi-head attention as the DETR papers write it: input projections, scaled dot-product
+attention per head, output projection.
 
-``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` draw that dropout with PyTorch's
-CPU sampler (see ``dropout.py``); for DETR's encoder at 800x1216 the weights are 8 x 950^2 per
-image and layer. When training on the CPU these versions compute the attention explicitly and
-use the native mask; everywhere else they are PyTorch's own functions.
+:func:`scaled_dot_product_attention` is PyTorch's fused kernel, except when training on the CPU
+with dropout: PyTorch draws that attention-weight dropout with its slow CPU sampler (see
+``dropout.py``; for DETR's encoder at 800x1216 the weights are 8 x 950^2 per image and layer), so
+there the attention is computed explicitly with the native dropout mask.
 """
 
 from typing import Optional, Tuple
@@ -26,27 +27,43 @@ def scaled_dot_product_attention(
     scale: Optional[float] = None,
 ) -> Tensor:
     """``F.scaled_dot_product_attention`` (same arguments; a bool mask is True where attention is
-    allowed, a float mask is added to the logits)."""
+    allowed, a float mask is added to the logits). Pass ``dropout_p=0`` at inference."""
     if not native_dropout_applies(q, dropout_p, True):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
         )
+    return dropout(attention_weights(q, k, attn_mask, scale), dropout_p, True) @ v
+
+
+def attention_weights(
+    q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None, scale: Optional[float] = None
+) -> Tensor:
+    """``softmax(q kᵀ · scale + mask)`` with ``scaled_dot_product_attention``'s mask convention."""
     logits = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        logits = (
-            logits.masked_fill(~attn_mask, float("-inf"))
-            if attn_mask.dtype == torch.bool
-            else logits + attn_mask
-        )
-    return dropout(logits.softmax(-1), dropout_p, True) @ v
+    if attn_mask is None:
+        return logits.softmax(-1)
+    if attn_mask.dtype == torch.bool:
+        return logits.masked_fill(~attn_mask, float("-inf")).softmax(-1)
+    return (logits + attn_mask).softmax(-1)
 
 
-class MultiheadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` (same parameters and state dict) that, when training on the CPU
-    with dropout, computes the attention with :func:`scaled_dot_product_attention`. Only the
-    configuration the DETR layers use takes that path: batch-first, packed input projection,
-    no extra key/value biases, a boolean key padding mask if any, no attention weights returned;
-    any other call is PyTorch's."""
+class MultiheadAttention(nn.Module):
+    """Batch-first multi-head attention with ``nn.MultiheadAttention``'s parameters, init and
+    state-dict keys (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), so released DETR-family
+    weights load as they are, and its call: ``(query, key, value, key_padding_mask,
+    need_weights)`` → ``(output, head-averaged weights or None)``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(
         self,
@@ -54,33 +71,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         key: Tensor,
         value: Tensor,
         key_padding_mask: Optional[Tensor] = None,
-        need_weights: bool = True,
-        attn_mask: Optional[Tensor] = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
+        need_weights: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        if (
-            need_weights
-            or attn_mask is not None
-            or is_causal
-            or not self.batch_first
-            or (key_padding_mask is not None and key_padding_mask.dtype != torch.bool)
-            or not self._qkv_same_embed_dim
-            or self.bias_k is not None
-            or self.add_zero_attn
-            or self.in_proj_bias is None
-            or not native_dropout_applies(query, self.dropout, self.training)
-        ):
-            return super().forward(
-                query,
-                key,
-                value,
-                key_padding_mask=key_padding_mask,
-                need_weights=need_weights,
-                attn_mask=attn_mask,
-                average_attn_weights=average_attn_weights,
-                is_causal=is_causal,
-            )
+        """query (B, Q, E), key/value (B, S, E), key_padding_mask (B, S) True at padding."""
         (n, lq, e), h = query.shape, self.num_heads
         w, b = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
         q, k, v = (
@@ -88,5 +81,10 @@ class MultiheadAttention(nn.MultiheadAttention):
             for x, w_i, b_i in zip((query, key, value), w, b)
         )
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
-        return self.out_proj(out.transpose(1, 2).reshape(n, lq, e)), None
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            weights = attention_weights(q, k, mask)
+            out, weights = dropout(weights, p, self.training) @ v, weights.mean(1)
+        else:
+            out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
+        return self.out_proj(out.transpose(1, 2).reshape(n, lq, e)), weights

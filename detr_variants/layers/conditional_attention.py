@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import scaled_dot_product_attention
-from .dropout import Dropout
+from .dropout import dropout_add
 from .mlp import MLP
 from .position_encoding import sine_embed_coordinates
 from .transformer import FeedForward, clone_layers
@@ -125,8 +125,7 @@ class ConditionalDecoderLayer(nn.Module):
         )
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout = dropout
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
     def forward(
@@ -142,7 +141,8 @@ class ConditionalDecoderLayer(nn.Module):
         (B, Q, d); memory, pos: (B, S, d); memory_key_padding_mask: (B, S) True at padding."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        tgt = self.norm1(self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt)), residual=tgt))
+        attn = self.self_attn(q, k, self.sa_v_proj(tgt))
+        tgt = self.norm1(dropout_add(attn, tgt, self.dropout, self.training))
 
         q = self.ca_qcontent_proj(tgt)
         k = self.ca_kcontent_proj(memory)
@@ -155,7 +155,7 @@ class ConditionalDecoderLayer(nn.Module):
         out = self.cross_attn(
             q, k, self.ca_v_proj(memory), key_padding_mask=memory_key_padding_mask
         )
-        tgt = self.norm2(self.dropout2(out, residual=tgt))
+        tgt = self.norm2(dropout_add(out, tgt, self.dropout, self.training))
         return self.ffn(tgt)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .attention import MultiheadAttention
 from .box_ops import inverse_sigmoid
-from .dropout import Dropout
+from .dropout import dropout_add
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .transformer import FeedForward, clone_layers
 
@@ -72,7 +72,7 @@ class DeformableEncoderLayer(nn.Module):
     ):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)
-        self.dropout = Dropout(dropout)
+        self.dropout = dropout
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
@@ -82,7 +82,7 @@ class DeformableEncoderLayer(nn.Module):
         attn = self.self_attn(
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
-        return self.ffn(self.norm(self.dropout(attn, residual=src)))
+        return self.ffn(self.norm(dropout_add(attn, src, self.dropout, self.training)))
 
 
 class DeformableEncoder(nn.Module):
@@ -111,11 +111,10 @@ class DeformableDecoderLayer(nn.Module):
         num_points: int = 4,
     ):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-        self.dropout1 = Dropout(dropout)
+        self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout)
+        self.dropout = dropout
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)
-        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
 
@@ -131,7 +130,7 @@ class DeformableDecoderLayer(nn.Module):
     ):
         q = k = tgt + query_pos
         tgt = self.norm1(
-            self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt)
+            dropout_add(self.self_attn(q, k, tgt)[0], tgt, self.dropout, self.training)
         )
         attn = self.cross_attn(
             tgt + query_pos,
@@ -141,7 +140,7 @@ class DeformableDecoderLayer(nn.Module):
             level_start_index,
             memory_padding_mask,
         )
-        return self.ffn(self.norm2(self.dropout2(attn, residual=tgt)))
+        return self.ffn(self.norm2(dropout_add(attn, tgt, self.dropout, self.training)))
 
 
 class DeformableDecoder(nn.Module):

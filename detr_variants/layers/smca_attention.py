@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiheadAttention, scaled_dot_product_attention
-from .dropout import Dropout
+from .dropout import dropout_add
 from .mlp import MLP
 from .transformer import FeedForward, clone_layers
 
@@ -309,12 +309,11 @@ class SMCADecoderLayer(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
         self.num_levels = num_levels
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.cross_attn = GaussianModulatedAttention(d_model, nhead, dropout=dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout = dropout
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.prior_norm = nn.LayerNorm(d_model)
         self.modulation = SpatialModulation(
@@ -355,7 +354,7 @@ class SMCADecoderLayer(nn.Module):
         weights = self.scale_weights(x)
         q = k = tgt + query_pos
         tgt = self.norm1(
-            self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0], residual=tgt)
+            dropout_add(self.self_attn(q, k, tgt)[0], tgt, self.dropout, self.training)
         )
         out = self.cross_attn(
             tgt + query_pos,
@@ -366,7 +365,7 @@ class SMCADecoderLayer(nn.Module):
             level_lengths=[int(h) * int(w) for h, w in spatial_shapes],
             level_weights=weights,
         )
-        tgt = self.norm2(self.dropout2(out, residual=tgt))
+        tgt = self.norm2(dropout_add(out, tgt, self.dropout, self.training))
         return self.ffn(tgt)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiheadAttention
-from .dropout import Dropout, relu_dropout_
+from .dropout import dropout_add, ffn_hidden
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -27,7 +27,7 @@ def _activation(name: str):
 
 
 class FeedForward(nn.Module):
-    """``x + Dropout(Linear(Dropout(act(Linear(x)))))`` with post- or pre-LayerNorm."""
+    """``x + dropout(linear2(dropout(activation(linear1(x)))))`` with post- or pre-LayerNorm."""
 
     def __init__(
         self,
@@ -40,23 +40,15 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout = Dropout(dropout)
-        self.dropout_out = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
+        self.dropout = dropout
         self.activation = _activation(activation)
         self.normalize_before = normalize_before
 
-    def _hidden(self, y: Tensor) -> Tensor:
-        # 2-d, so that the widest activation (the largest tensor of an encoder layer) is no view
-        # and the ReLU + dropout can overwrite it instead of allocating another
-        h = self.linear1(y.reshape(-1, y.shape[-1]))
-        if self.activation is F.relu:
-            return relu_dropout_(h, self.dropout.p, self.training)
-        return self.dropout(self.activation(h))
-
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm(x) if self.normalize_before else x
-        x = self.dropout_out(self.linear2(self._hidden(y)).view(x.shape), residual=x)
+        h = ffn_hidden(y, self.linear1, self.activation, self.dropout, self.training)
+        x = dropout_add(self.linear2(h), x, self.dropout, self.training)
         return x if self.normalize_before else self.norm(x)
 
 
@@ -73,9 +65,9 @@ class TransformerEncoderLayer(nn.Module):
         normalize_before: bool = False,
     ):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = dropout
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
         self.normalize_before = normalize_before
 
@@ -85,8 +77,8 @@ class TransformerEncoderLayer(nn.Module):
         """src, pos: (B, S, C); key_padding_mask: (B, S) True at padding."""
         x = self.norm(src) if self.normalize_before else src
         q = k = _with_pos(x, pos)
-        attn = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
-        src = self.dropout(attn, residual=src)
+        attn = self.self_attn(q, k, x, key_padding_mask=key_padding_mask)[0]
+        src = dropout_add(attn, src, self.dropout, self.training)
         if not self.normalize_before:
             src = self.norm(src)
         return self.ffn(src)
@@ -105,12 +97,11 @@ class TransformerDecoderLayer(nn.Module):
         normalize_before: bool = False,
     ):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout = dropout
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
         self.normalize_before = normalize_before
 
@@ -125,7 +116,8 @@ class TransformerDecoderLayer(nn.Module):
         """tgt, query_pos: (B, Q, C); memory, pos: (B, S, C)."""
         x = self.norm1(tgt) if self.normalize_before else tgt
         q = k = _with_pos(x, query_pos)
-        tgt = self.dropout1(self.self_attn(q, k, x, need_weights=False)[0], residual=tgt)
+        attn = self.self_attn(q, k, x)[0]
+        tgt = dropout_add(attn, tgt, self.dropout, self.training)
         if not self.normalize_before:
             tgt = self.norm1(tgt)
         x = self.norm2(tgt) if self.normalize_before else tgt
@@ -134,9 +126,8 @@ class TransformerDecoderLayer(nn.Module):
             _with_pos(memory, pos),
             memory,
             key_padding_mask=memory_key_padding_mask,
-            need_weights=False,
         )[0]
-        tgt = self.dropout2(attn, residual=tgt)
+        tgt = dropout_add(attn, tgt, self.dropout, self.training)
         if not self.normalize_before:
             tgt = self.norm2(tgt)
         return self.ffn(tgt)

@@ -4,13 +4,12 @@ from .matcher import HungarianMatcher, RestrictedMatcher
 from .meta_arch import (
     DETR,
     SMCADETR,
-    TSPFCOS,
-    TSPRCNN,
     ConditionalDETR,
     DeformableDETR,
     MultiScaleSMCADETR,
     SetPredictionDetector,
 )
+from .tsp import TSPFCOS, TSPRCNN
 
 __all__ = [
     "feature_masks",

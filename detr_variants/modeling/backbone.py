@@ -82,6 +82,25 @@ class FrozenBNConv2d(Conv2d):
     backward. Parameters, buffers and state-dict keys are those of the ``Conv2d`` it replaces.
     """
 
+    @classmethod
+    def from_conv(cls, conv: Conv2d) -> "FrozenBNConv2d":
+        """The same convolution, holding ``conv``'s parameters and norm."""
+        folded = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            norm=conv.norm,
+            activation=conv.activation,
+            device="meta",  # the parameters are replaced by conv's below
+        )
+        folded.weight, folded.bias = conv.weight, conv.bias
+        return folded
+
     def forward(self, x: Tensor) -> Tensor:
         bn = self.norm
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
@@ -101,10 +120,13 @@ class FrozenBNConv2d(Conv2d):
 
 
 def fold_frozen_batchnorm(module: nn.Module) -> nn.Module:
-    """Turns every ``Conv2d`` + ``FrozenBatchNorm2d`` of ``module`` into a :class:`FrozenBNConv2d`, in place."""
-    for m in module.modules():
-        if type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d):
-            m.__class__ = FrozenBNConv2d
+    """Replaces every ``Conv2d`` + ``FrozenBatchNorm2d`` in ``module`` by a
+    :class:`FrozenBNConv2d` (like detectron2's ``FrozenBatchNorm2d.convert_frozen_batchnorm``)."""
+    for name, child in module.named_children():
+        if type(child) is Conv2d and isinstance(child.norm, FrozenBatchNorm2d):
+            setattr(module, name, FrozenBNConv2d.from_conv(child))
+        else:
+            fold_frozen_batchnorm(child)
     return module
 
 

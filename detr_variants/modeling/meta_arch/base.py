@@ -8,7 +8,6 @@ which maps padded images and their padding mask to per-layer class logits and bo
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
@@ -26,29 +25,6 @@ def set_prediction_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool = True)
             {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
         ]
     return out
-
-
-def project_levels(
-    features: Dict[str, Tensor],
-    masks: Dict[str, Tensor],
-    padding_mask: Tensor,
-    input_proj: nn.ModuleList,
-    in_features: List[str],
-) -> Tuple[List[Tensor], List[Tensor]]:
-    """Feature levels for multi-scale transformers and their padding masks.
-
-    ``in_features`` go through the first projections; every further projection (a stride-2
-    conv) makes one more level, the first from the raw last backbone feature (e.g. C5, as
-    Deformable DETR), the next ones from the previous level.
-    """
-    srcs = [proj(features[f]) for proj, f in zip(input_proj, in_features)]
-    level_masks = [masks[f] for f in in_features]
-    for proj in input_proj[len(in_features) :]:
-        srcs.append(proj(features[in_features[-1]] if len(srcs) == len(in_features) else srcs[-1]))
-        level_masks.append(
-            F.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0]
-        )
-    return srcs, level_masks
 
 
 class SetPredictionDetector(nn.Module):
@@ -115,11 +91,20 @@ class SetPredictionDetector(nn.Module):
             raise ValueError("empty batch")
         images, padding_mask = self.preprocess_image(batched_inputs)
         if self.training:
-            targets = self.prepare_targets(batched_inputs)
-            return self.criterion(self.compute_outputs(images, padding_mask), targets)
+            return self.losses(batched_inputs, images, padding_mask)
+        return self.postprocess(self.predict(images, padding_mask), batched_inputs)
+
+    def losses(
+        self, batched_inputs: List[Dict], images: ImageList, padding_mask: Tensor
+    ) -> Dict[str, Tensor]:
+        """The training step's loss dict (a variant whose outputs depend on the GT overrides it)."""
+        targets = self.prepare_targets(batched_inputs)
+        return self.criterion(self.compute_outputs(images, padding_mask), targets)
+
+    def predict(self, images: ImageList, padding_mask: Tensor) -> List[Instances]:
+        """Detections in the padded-input frame, before rescaling to the original size."""
         outputs = self.compute_outputs(images, padding_mask)
-        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
-        return self.postprocess(results, batched_inputs)
+        return self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, Tensor]:
         """Normalises and pads the images; the mask is True at padding (also in eval, so results

@@ -15,8 +15,8 @@ from torch import nn
 
 from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
 from detr_variants.layers import TransformerEncoder, TransformerEncoderLayer
-from detr_variants.modeling import TSPFCOS, RestrictedMatcher, make_resnet
-from detr_variants.modeling.meta_arch.tsp_fcos import FoIClassifier, TSPFCOSCriterion, TSPTopBlock
+from detr_variants.modeling import RestrictedMatcher, make_resnet
+from detr_variants.modeling.tsp import TSPFCOS, FoIClassifier, TSPFCOSCriterion, TSPTopBlock
 
 from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.schedule import step_schedule
@@ -92,12 +92,22 @@ optimizer = L(HybridOptimizer)(
     weight_decay=1e-4,
 )
 
-_iterations = 270000  # the released 3x schedule at batch 16; warmup is 1000 of them
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=step_schedule(total_epochs=36, drop_epochs=[24, 32]),
-    warmup_length=1000 / _iterations,
-    warmup_factor=0.001,
-)
+# The released warmup, 1000 iterations at batch 16 on COCO train2017's 117,266 images with
+# annotations, in epochs, so that it covers the same images whatever the batch size.
+WARMUP_EPOCHS = 1000 * 16 / 117266
+
+
+def tsp_schedule(total_epochs: int, drop_epochs):
+    """detectron2's linear warmup (factor 0.001) over ``WARMUP_EPOCHS``, then the step drops;
+    both are fractions of training, which ``train.epochs`` turns into iterations."""
+    return L(WarmupParamScheduler)(
+        scheduler=step_schedule(total_epochs=total_epochs, drop_epochs=drop_epochs),
+        warmup_length=WARMUP_EPOCHS / total_epochs,
+        warmup_factor=0.001,
+    )
+
+
+lr_multiplier = tsp_schedule(36, [24, 32])
 
 # detectron2's standard training mapper as released: resize, flip, no crop; empty images dropped
 dataloader.train.dataset.filter_empty = True

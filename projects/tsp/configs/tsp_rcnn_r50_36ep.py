@@ -20,13 +20,14 @@ from detectron2.modeling.proposal_generator import RPN
 from torch import nn
 
 from detr_variants.layers import TransformerEncoder, TransformerEncoderLayer
-from detr_variants.modeling import TSPRCNN, RestrictedMatcher, make_resnet
-from detr_variants.modeling.meta_arch.tsp_fcos import TSPTopBlock
-from detr_variants.modeling.meta_arch.tsp_rcnn import (
+from detr_variants.modeling import RestrictedMatcher, make_resnet
+from detr_variants.modeling.tsp import (
+    TSPRCNN,
     TransformerROIHeads,
     TSPBoxHead,
     TSPFastRCNNOutputLayers,
     TSPRPNHead,
+    TSPTopBlock,
 )
 
 from .tsp_fcos_r50_36ep import dataloader, lr_multiplier, optimizer, train

@@ -7,14 +7,12 @@ a registered ``ROIHeads``, so detectron2's ``FPN``, ``RPN``, ``ROIPooler`` (ROIA
 ``Box2BoxTransform``, ``Matcher``, sampling and ``fast_rcnn_inference`` are used unchanged.
 """
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec, cat, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
-from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.proposal_generator.proposal_utils import (
     add_ground_truth_to_proposals_single_image,
@@ -30,7 +28,7 @@ from ...layers.box_ops import box_xyxy_to_cxcywh
 from ...layers.mlp import MLP
 from ...layers.position_encoding import sine_embed_coordinates
 from ...layers.transformer import xavier_init_
-from .tsp_fcos import event_storage, random_keep_count, unmask_empty_rows
+from .common import event_storage, random_keep_count, unmask_empty_rows
 
 
 class TSPRPNHead(nn.Module):
@@ -112,11 +110,6 @@ def pad_per_image(x: Tensor, counts: Sequence[int]) -> Tuple[Tensor, Tensor]:
     return out, mask
 
 
-def _scale_gradient(x: Tensor, scale: float) -> Tensor:
-    """Identity forward, gradient × ``scale`` backward."""
-    return x if scale == 1.0 else x * scale + x.detach() * (1 - scale)
-
-
 class TSPBoxHead(nn.Module):
     """RoIAlign features → ``Linear`` to ``hidden_dim`` (+ ``Linear`` of the RoI position
     encoding) → LayerNorm → encoder-only transformer over the RoIs of each image, the RoI
@@ -151,11 +144,8 @@ class TSPBoxHead(nn.Module):
     def output_shape(self) -> ShapeSpec:
         return ShapeSpec(channels=self.hidden_dim)
 
-    def forward(
-        self, pooled: Tensor, proposals: List[Instances], prev: Optional[Tensor] = None
-    ) -> Tensor:
-        """pooled: (R, C, S, S) for the proposals of all images in order; ``prev``: (R, d) of the
-        previous cascade stage (averaged in as (x + prev)/√2). Returns (R, d)."""
+    def forward(self, pooled: Tensor, proposals: List[Instances]) -> Tensor:
+        """pooled: (R, C, S, S) for the proposals of all images in order. Returns (R, d)."""
         x = self.input_proj(pooled.flatten(1))
         pos = None
         if self.pos_proj is not None:
@@ -169,8 +159,6 @@ class TSPBoxHead(nn.Module):
             ).to(x.dtype)
             x = x + self.pos_proj(pos)
         x = self.input_norm(x)
-        if prev is not None:
-            x = (x + prev) / math.sqrt(2)
         counts = [len(p) for p in proposals]
         if sum(counts) == 0:
             return x
@@ -326,13 +314,6 @@ class TransformerROIHeads(ROIHeads):
         self.box_predictor = box_predictor
         self.random_drop = random_drop
 
-    @property
-    def num_stages(self) -> int:
-        return 1
-
-    def stage_modules(self, stage: int) -> Tuple[nn.Module, nn.Module]:
-        return self.box_head, self.box_predictor
-
     def forward(
         self,
         images: ImageList,
@@ -340,56 +321,41 @@ class TransformerROIHeads(ROIHeads):
         proposals: List[Instances],
         targets: Optional[List[Instances]] = None,
     ):
+        """detectron2's ``ROIHeads`` interface: pool → transformer box head → predictor."""
         del images
         if self.training:
             proposals = self.label_and_sample_proposals(proposals, targets)
-            stages = self.run_stages(features, proposals, targets)
-            losses = {}
-            for k, (predictions, stage_proposals) in enumerate(stages):
-                suffix = f"_stage{k}" if len(stages) > 1 else ""
-                stage_losses = self.stage_modules(k)[1].losses(predictions, stage_proposals)
-                losses.update({name + suffix: value for name, value in stage_losses.items()})
-            return proposals, losses
-        predictions, proposals = self.run_stages(features, proposals)[-1]
-        return self.stage_modules(self.num_stages - 1)[1].inference(predictions, proposals)[0], {}
+            return proposals, self.box_predictor.losses(
+                self.predictions(features, proposals), proposals
+            )
+        return self.box_predictor.inference(self.predictions(features, proposals), proposals)[0], {}
 
-    def run_stage(
-        self,
-        features: Dict[str, Tensor],
-        proposals: List[Instances],
-        stage: int,
-        prev: Optional[Tensor] = None,
-    ):
-        """Pool, transformer box head, predictor. Returns (head output (R, d), predictions)."""
-        head, predictor = self.stage_modules(stage)
+    def predictions(
+        self, features: Dict[str, Tensor], proposals: List[Instances]
+    ) -> Tuple[Tensor, Tensor]:
+        """Class logits (R, K+1) and box deltas (R, K·4 or 4) of all images' proposals."""
         pooled = self.box_pooler(
             [features[f] for f in self.box_in_features], [p.proposal_boxes for p in proposals]
         )
-        x = head(_scale_gradient(pooled, 1.0 / self.num_stages), proposals, prev)
-        return x, predictor(x)
-
-    def run_stages(
-        self, features, proposals, targets=None
-    ) -> List[Tuple[Tuple[Tensor, Tensor], List[Instances]]]:
-        """(predictions, proposals) of every stage."""
-        return [(self.run_stage(features, proposals, 0)[1], proposals)]
+        return self.box_predictor(self.box_head(pooled, proposals))
 
     def box_outputs(
         self, features: Dict[str, Tensor], proposals: List[Instances]
     ) -> Dict[str, Tensor]:
-        """Raw outputs of the last stage padded per image: ``pred_logits`` (B, N, K+1),
-        ``pred_boxes`` (B, N, K·4 or 4) absolute xyxy, ``valid`` (B, N)."""
-        predictions, proposals = self.run_stages(features, proposals)[-1]
-        predictor = self.stage_modules(self.num_stages - 1)[1]
+        """Raw outputs padded per image: ``pred_logits`` (B, N, K+1), ``pred_boxes``
+        (B, N, K·4 or 4) absolute xyxy, ``valid`` (B, N)."""
+        predictions = self.predictions(features, proposals)
         counts = [len(p) for p in proposals]
-        logits, valid = pad_per_image(predictions[0], counts)
+        logits, padding = pad_per_image(predictions[0], counts)
         boxes = (
-            cat(predictor.predict_boxes(predictions, proposals)) if sum(counts) else predictions[1]
+            cat(self.box_predictor.predict_boxes(predictions, proposals))
+            if sum(counts)
+            else predictions[1]
         )
         return {
             "pred_logits": logits,
             "pred_boxes": pad_per_image(boxes, counts)[0],
-            "valid": ~valid,
+            "valid": ~padding,
         }
 
     @torch.no_grad()
@@ -433,88 +399,6 @@ class TransformerROIHeads(ROIHeads):
         storage.put_scalar("roi_head/num_fg_samples", sum(num_fg) / len(num_fg))
         storage.put_scalar("roi_head/num_bg_samples", sum(num_bg) / len(num_bg))
         return sampled_proposals
-
-
-@ROI_HEADS_REGISTRY.register()
-class CascadeTransformerROIHeads(TransformerROIHeads):
-    """The released (unused by its scripts) cascade option (``CascadeTransformerROIHeads``):
-    stage k > 0 pools the boxes stage k-1 predicted (detached, clipped), re-labels them with its
-    own IoU matcher (0.7 for stage 2) and its own ``Box2BoxTransform`` weights, and averages its
-    RoI features with stage k-1's transformer output, (x + prev)/√2. Every stage is trained
-    (losses suffixed ``_stage{k}``, pooled-feature gradients scaled by 1/stages); inference uses
-    the last stage. Regression must be class-agnostic, as released.
-
-    Args:
-        box_heads, box_predictors: one per stage. proposal_matchers: one per stage (the first
-            labels the RPN proposals).
-    """
-
-    def __init__(
-        self,
-        *,
-        box_heads: Sequence[nn.Module],
-        box_predictors: Sequence[nn.Module],
-        proposal_matchers: Sequence[Matcher],
-        **kwargs,
-    ):
-        if not len(box_heads) == len(box_predictors) == len(proposal_matchers):
-            raise ValueError("need one box head, predictor and matcher per stage")
-        if any(p.bbox_pred.layers[-1].out_features != 4 for p in box_predictors):
-            raise ValueError(
-                "the cascade needs class-agnostic box regression (cls_agnostic_bbox_reg=True)"
-            )
-        super().__init__(
-            box_head=nn.ModuleList(box_heads),
-            box_predictor=nn.ModuleList(box_predictors),
-            proposal_matcher=proposal_matchers[0],
-            **kwargs,
-        )
-        self.proposal_matchers = list(proposal_matchers)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.box_head)
-
-    def stage_modules(self, stage: int) -> Tuple[nn.Module, nn.Module]:
-        return self.box_head[stage], self.box_predictor[stage]
-
-    def run_stages(self, features, proposals, targets=None):
-        outputs, prev = [], None
-        for k in range(self.num_stages):
-            if k > 0:
-                boxes = self.stage_modules(k - 1)[1].predict_boxes(outputs[-1][0], proposals)
-                proposals = [
-                    Instances(p.image_size, proposal_boxes=self._clipped(b, p.image_size))
-                    for b, p in zip(boxes, proposals)
-                ]
-                if self.training:
-                    proposals = self._relabel(proposals, targets, self.proposal_matchers[k])
-            prev, predictions = self.run_stage(features, proposals, k, prev)
-            outputs.append((predictions, proposals))
-        return outputs
-
-    @staticmethod
-    def _clipped(boxes: Tensor, image_size) -> Boxes:
-        boxes = Boxes(boxes.detach())
-        boxes.clip(image_size)
-        return boxes
-
-    @torch.no_grad()
-    def _relabel(
-        self, proposals: List[Instances], targets: List[Instances], matcher: Matcher
-    ) -> List[Instances]:
-        for props, tgt in zip(proposals, targets):
-            matched_idxs, labels = matcher(pairwise_iou(tgt.gt_boxes, props.proposal_boxes))
-            if len(tgt):
-                props.gt_classes = torch.where(
-                    labels == 1, tgt.gt_classes[matched_idxs], self.num_classes
-                )
-                props.gt_boxes = tgt.gt_boxes[matched_idxs]
-            else:
-                props.gt_classes = torch.full_like(matched_idxs, self.num_classes)
-                props.gt_boxes = Boxes(tgt.gt_boxes.tensor.new_zeros((len(props), 4)))
-            props.gt_idxs = matched_idxs
-        return proposals
 
 
 @META_ARCH_REGISTRY.register()

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The main job on the embedded dataset: train the default demo config on synthetic_shapes
 (CPU-sized), evaluate it with COCOEvaluator, print the AP line and save a PNG of predictions
-on validation images.
+on validation images. (To run a checkpoint on your own images or a video, use demo/demo.py.)
 
-    python tools/demo.py --output-dir output/demo [--config detr/detr_r18_synthetic] [key=value ...]
+    python tools/train_demo.py --output-dir output/demo [--config detr/detr_r18_synthetic] [key=value ...]
 
 The default is Deformable DETR, which beats DETR on synthetic_shapes (README). Its full
 700-iteration recipe takes about 2.2 s per iteration on 2 cores, so the demo trains it for 250

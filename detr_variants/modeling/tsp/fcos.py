@@ -2,88 +2,28 @@
 
 FCOS's towers on an FPN (P3-P7) act as a feature-of-interest (FoI) classifier; the top 700
 FoIs go through an encoder-only transformer whose outputs are matched one-to-one to the ground
-truth with the restricted matching (each GT takes its best FCOS-positive FoI). Only what TSP
-adds lives here: detectron2 provides the FPN, the FCOS towers (``FCOSHead``), FCOS's target
-assignment (``FCOS._match_anchors``), the ltrb box transform and class-wise NMS. The pieces
-TSP-RCNN shares with it (FPN top block, random drop, event storage outside a trainer) are also
-defined here.
+truth with the restricted matching (each GT takes its best FCOS-positive FoI). detectron2
+provides the FPN, the FCOS towers (``FCOSHead``) and class-wise NMS; the FCOS assignment is the
+released one (:func:`fcos_assignment`), which differs from detectron2's ``FCOS._match_anchors``.
 """
 
-import contextlib
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, ShapeSpec, batched_nms, get_norm
+from detectron2.layers import ShapeSpec, batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.modeling.box_regression import Box2BoxTransformLinear
-from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.structures import Boxes, ImageList, Instances
-from detectron2.utils import comm
-from detectron2.utils.events import EventStorage, has_event_storage
 from torch import Tensor, nn
 
 from ...layers.position_encoding import PositionEmbeddingSine
-from ..backbone import feature_masks
 from ..criterion import sigmoid_focal_loss
-from .base import SetPredictionDetector
+from ..meta_arch.base import SetPredictionDetector
+from .common import mean_over_ranks, random_keep_count, unmask_empty_rows
 
 
-# ------------------------------------------------------------------ pieces shared with TSP-RCNN
-class TSPTopBlock(nn.Module):
-    """The released "v2" FPN top block (``LastLevelMaxPoolV2``, despite its name no pooling):
-    P6 = Conv3x3/s2 + norm on P5, P7 = Conv3x3/s2 + norm on ReLU(P6). Plugs into detectron2's
-    ``FPN(top_block=...)``."""
-
-    def __init__(self, channels: int = 256, norm: str = "SyncBN", in_feature: str = "p5"):
-        super().__init__()
-        self.num_levels = 2
-        self.in_feature = in_feature
-        self.p6 = Conv2d(channels, channels, 3, stride=2, padding=1, norm=get_norm(norm, channels))
-        self.p7 = Conv2d(channels, channels, 3, stride=2, padding=1, norm=get_norm(norm, channels))
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        p6 = self.p6(x)
-        return [p6, self.p7(F.relu(p6))]
-
-
-def random_keep_count(n: int, lower: float, upper: float = 1.0) -> int:
-    """TSP's random proposal drop: keep ``int(n·u)`` of ``n`` inputs, ``u ~ U(lower, upper]``
-    (at least one when ``n > 0``)."""
-    if not 0 < lower <= upper <= 1:
-        raise ValueError(f"need 0 < lower <= upper <= 1, got {lower}, {upper}")
-    u = upper - torch.rand(()).item() * (upper - lower)
-    return min(n, max(int(n * u), 1)) if n > 0 else 0
-
-
-def event_storage():
-    """The running trainer's ``EventStorage``, or a throwaway one so that detectron2 components
-    that log (RPN, ROI heads) also train outside a trainer (tests, benchmarks)."""
-    return contextlib.nullcontext() if has_event_storage() else EventStorage()
-
-
-def mean_over_ranks(value: Tensor, minimum: float) -> float:
-    """``value`` summed over the distributed ranks, divided by their number, at least ``minimum``
-    (the released normalisers: positives per GPU)."""
-    value = value.detach().float().clone()
-    if comm.get_world_size() > 1:
-        torch.distributed.all_reduce(value)
-    return max(value.item() / comm.get_world_size(), minimum)
-
-
-def unmask_empty_rows(key_padding_mask: Tensor) -> Tensor:
-    """Lets a sequence that is all padding attend to its first (zero) token instead of producing
-    NaN; its outputs are discarded."""
-    empty = key_padding_mask.all(dim=1)
-    if key_padding_mask.shape[1] and empty.any():
-        key_padding_mask = key_padding_mask.clone()
-        key_padding_mask[empty, 0] = False
-    return key_padding_mask
-
-
-# ------------------------------------------------------------------ TSP-FCOS
 def _flatten_levels(maps: List[Tensor]) -> Tensor:
     """Per-level (B, C, H, W) maps → (B, ΣHW, C), level after level, row-major."""
     return torch.cat([x.flatten(2).transpose(1, 2) for x in maps], dim=1)
@@ -92,6 +32,129 @@ def _flatten_levels(maps: List[Tensor]) -> Tensor:
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x (B, R, C), index (B, k) → (B, k, C)."""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+# ------------------------------------------------------------------ locations and assignment
+def fcos_locations(
+    shapes: Sequence[Tuple[int, int]], strides: Sequence[int], device=None
+) -> Tuple[Tensor, Tensor]:
+    """FCOS locations ``(j·s + s//2, i·s + s//2)`` of every level, level after level, row-major
+    (``compute_locations`` of the released code): (R, 2) xy and the (R,) level index."""
+    points, levels = [], []
+    for level, ((h, w), s) in enumerate(zip(shapes, strides)):
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=device) * s + s // 2,
+            torch.arange(w, dtype=torch.float32, device=device) * s + s // 2,
+            indexing="ij",
+        )
+        points.append(torch.stack([xs.flatten(), ys.flatten()], dim=1))
+        levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
+    return torch.cat(points), torch.cat(levels)
+
+
+def fcos_assignment(
+    points: Tensor,
+    strides: Tensor,
+    size_ranges: Tensor,
+    gt_boxes: Tensor,
+    gt_classes: Tensor,
+    num_classes: int,
+    radius: float = 1.5,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The released FCOS assignment (``compute_targets_for_locations``, ``get_sample_region``).
+
+    A location is a candidate of a GT when it lies strictly inside the GT box clipped to the
+    centre region ``centre ± radius·stride`` and the largest of its (l, t, r, b) distances lies
+    in its level's range, bounds included (``>=``, ``<=``; detectron2's ``FCOS._match_anchors``
+    excludes them). Among several GTs the one of smallest area wins, exact areas, the first on
+    equal ones (detectron2 ranks ``1e8 - area`` in float32, which ties areas a few px² apart).
+
+    Args:
+        points: (R, 2) location xy. strides: (R,) their level's stride.
+        size_ranges: (R, 2) inclusive [low, high] of max(l, t, r, b) per location.
+        gt_boxes: (M, 4) xyxy. gt_classes: (M,).
+
+    Returns:
+        labels (R,) (``num_classes``: background), the GT index (R,) (-1: none) and the ltrb
+        targets (R, 4) in stride units.
+    """
+    r = len(points)
+    if len(gt_boxes) == 0:
+        return (
+            torch.full((r,), num_classes, dtype=torch.long, device=points.device),
+            torch.full((r,), -1, dtype=torch.long, device=points.device),
+            points.new_zeros(r, 4),
+        )
+    x, y = points[:, 0, None], points[:, 1, None]  # (R, 1)
+    x1, y1, x2, y2 = gt_boxes.unbind(1)  # (M,)
+    ltrb = torch.stack([x - x1, y - y1, x2 - x, y2 - y], dim=2)  # (R, M, 4)
+    cx, cy = (x1 + x2) * 0.5, (y1 + y2) * 0.5
+    reach = strides[:, None].float() * radius  # (R, 1)
+    inner = torch.stack(
+        [
+            x - torch.maximum(cx - reach, x1),
+            y - torch.maximum(cy - reach, y1),
+            torch.minimum(cx + reach, x2) - x,
+            torch.minimum(cy + reach, y2) - y,
+        ],
+        dim=2,
+    )
+    largest = ltrb.max(dim=2).values
+    candidate = (inner.min(dim=2).values > 0) & (largest >= size_ranges[:, :1])
+    candidate &= largest <= size_ranges[:, 1:]
+    area = (x2 - x1) * (y2 - y1)
+    loc_area = torch.where(candidate, area[None], torch.full_like(largest, math.inf))
+    min_area, index = loc_area.min(dim=1)  # the first of equal minima, as released
+    matched = min_area != math.inf
+    labels = torch.where(matched, gt_classes[index], num_classes)
+    reg = ltrb[torch.arange(r, device=points.device), index] / strides[:, None].float()
+    return labels, torch.where(matched, index, -1), reg
+
+
+# ------------------------------------------------------------------ padding masks
+def own_extent_masks(
+    image_sizes: Sequence[Tuple[int, int]],
+    size_divisibility: int,
+    shapes: Sequence[Tuple[int, int]],
+    strides: Sequence[int],
+    device=None,
+) -> List[Tensor]:
+    """Per level (B, H, W), True beyond each image's own padded extent: the image rounded up to
+    ``size_divisibility``, i.e. the feature map it has alone (``ceil(extent / stride)`` cells).
+    At batch size 1 nothing is masked, as in the released code; in a batch, the padding that
+    only other images cause is."""
+    d = max(size_divisibility, 1)
+    masks = []
+    for (h, w), s in zip(shapes, strides):
+        m = torch.ones((len(image_sizes), h, w), dtype=torch.bool, device=device)
+        for i, (ih, iw) in enumerate(image_sizes):
+            eh, ew = -(-ih // d) * d, -(-iw // d) * d  # ceil to the multiple of d
+            m[i, : -(-eh // s), : -(-ew // s)] = False
+        masks.append(m)
+    return masks
+
+
+def official_masks(
+    image_sizes: Sequence[Tuple[int, int]],
+    padded_shape: Tuple[int, int],
+    shapes: Sequence[Tuple[int, int]],
+    device=None,
+) -> List[Tensor]:
+    """The released masks (``MyFCOS._forward``): built at the largest unpadded image size and
+    resized (nearest) step by step to res1 (half, rounded up), res2 (a quarter of the padded
+    input) and each level, so padding up to ``size_divisibility`` counts as image."""
+    h = max(s[0] for s in image_sizes)
+    w = max(s[1] for s in image_sizes)
+    mask = torch.ones((len(image_sizes), h, w), dtype=torch.bool, device=device)
+    for i, (ih, iw) in enumerate(image_sizes):
+        mask[i, :ih, :iw] = False
+    ph, pw = padded_shape
+    steps = [((h + 1) // 2, (w + 1) // 2), (-(-ph // 4), -(-pw // 4)), *shapes]
+    masks = []
+    for size in steps:
+        mask = F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+        masks.append(mask)
+    return masks[2:]
 
 
 class FoIClassifier(FCOSHead):
@@ -189,7 +252,7 @@ class TSPFCOSCriterion(nn.Module):
         self.focal_gamma = focal_gamma
 
     def forward(self, outputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """``outputs`` of :meth:`TSPFCOS.compute_outputs` in training."""
+        """:meth:`TSPFCOS.encode` outputs with the :meth:`TSPFCOS.fcos_targets` entries."""
         k = self.num_classes
         labels, gt_index, reg_targets = (
             outputs["fcos_labels"],
@@ -274,6 +337,13 @@ class TSPFCOS(SetPredictionDetector):
         random_drop: lower bound of the kept fraction in training (``RANDOM_PROPOSAL_DROP`` 0.7);
             1.0 disables the drop.
         center_sampling_radius: FCOS centre sampling (``POS_RADIUS 1.5``).
+        sizes_of_interest: FCOS level boundaries of max(l, t, r, b) (``SIZES_OF_INTEREST``),
+            inclusive as released.
+        official_padding: False (default): each image's own padded extent is image and the
+            padding only other images of the batch cause is masked (never selected, masked in
+            attention, outside the position encoding's normalisation), so results do not depend
+            on the batch; at batch size 1 this is the released behaviour. True: the released
+            masks for any batch (:func:`official_masks`; the encoder sees no padding mask).
         test_score_thresh, test_topk_per_level, test_nms_thresh: inference as released (0.0,
             1000, 0.6); ``test_nms_thresh=None`` keeps the top ``test_topk`` without NMS.
         size_divisibility: padding multiple; None uses the backbone's (32).
@@ -292,6 +362,8 @@ class TSPFCOS(SetPredictionDetector):
         num_fois: int = 700,
         random_drop: float = 0.7,
         center_sampling_radius: float = 1.5,
+        sizes_of_interest: Sequence[float] = (64, 128, 256, 512),
+        official_padding: bool = False,
         test_score_thresh: float = 0.0,
         test_topk_per_level: int = 1000,
         test_nms_thresh: Optional[float] = 0.6,
@@ -310,14 +382,15 @@ class TSPFCOS(SetPredictionDetector):
         shapes = backbone.output_shape()
         self.in_features = list(in_features)
         self.strides = [shapes[f].stride for f in self.in_features]
+        if len(sizes_of_interest) != len(self.in_features) - 1:
+            raise ValueError(
+                f"need {len(self.in_features) - 1} sizes_of_interest for {len(self.in_features)} "
+                f"levels, got {list(sizes_of_interest)}"
+            )
+        bounds = [-1.0, *map(float, sizes_of_interest), math.inf]  # the released [-1, 64], ...
+        self.size_ranges = list(zip(bounds[:-1], bounds[1:]))
         channels = shapes[self.in_features[0]].channels
         self.foi_head = foi_head
-        # FCOS locations as stride-sized boxes centred at (i + 0.5)·stride (the released locations)
-        self.anchor_generator = DefaultAnchorGenerator(
-            sizes=[[s] for s in self.strides], aspect_ratios=[1.0], strides=self.strides, offset=0.5
-        )
-        self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=True)
-        self.center_sampling_radius = center_sampling_radius  # read by FCOS._match_anchors
         self.input_proj = nn.Linear(2 * channels, hidden_dim)
         self.input_norm = nn.LayerNorm(hidden_dim)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
@@ -333,109 +406,84 @@ class TSPFCOS(SetPredictionDetector):
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.num_fois = num_fois
         self.random_drop = random_drop
+        self.center_sampling_radius = center_sampling_radius
+        self.official_padding = official_padding
         self.test_score_thresh = test_score_thresh
         self.test_topk_per_level = test_topk_per_level
         self.test_nms_thresh = test_nms_thresh
 
-    # ---------------------------------------------------------------- detectron2 interface
-    def forward(self, batched_inputs: List[Dict]):
-        if len(batched_inputs) == 0:
-            raise ValueError("empty batch")
-        images, padding_mask = self.preprocess_image(batched_inputs)
-        if self.training:
-            gt = [x["instances"].to(self.device) for x in batched_inputs]
-            return self.criterion(self.compute_outputs(images, padding_mask, gt))
-        results = self.detect(self.compute_outputs(images, padding_mask), images.image_sizes)
-        return self.postprocess(results, batched_inputs)
-
-    # ---------------------------------------------------------------- FoIs and the transformer
-    def compute_outputs(
-        self,
-        images: ImageList,
-        padding_mask: Tensor,
-        gt_instances: Optional[List[Instances]] = None,
+    # ---------------------------------------------------------------- base-class hooks
+    def losses(
+        self, batched_inputs: List[Dict], images: ImageList, padding_mask: Tensor
     ) -> Dict[str, Tensor]:
-        """Selected FoIs and the transformer's predictions for them.
+        """FCOS targets first: the FCOS positives are boosted in the FoI ranking."""
+        dense = self.dense_outputs(images)
+        targets = self.fcos_targets(
+            dense["locations"], dense["levels"], [x["instances"] for x in batched_inputs]
+        )
+        positive = targets["fcos_labels"] != self.num_classes
+        selected = self.select_fois(dense["scores"], dense["valid"], positive)
+        return self.criterion(self.encode(dense, selected) | targets)
 
-        Returns ``pred_logits`` (B, k, K), ``pred_boxes`` (B, k, 4) absolute xyxy in the padded
-        input frame, ``pred_ltrb`` (B, k, 4) in stride units, ``pred_ctrness`` (B, k) logits,
-        ``levels`` (B, k), ``valid`` (B, k) (False: padding FoIs), ``selected`` (B, k) flat
-        location indices, and ``local_logits`` (B, R, K) of every location; in training also
-        the FCOS targets ``fcos_labels``/``fcos_gt_index``/``fcos_reg_targets`` (B, R[, 4]).
+    def predict(self, images: ImageList, padding_mask: Tensor) -> List[Instances]:
+        return self.detect(self.compute_outputs(images, padding_mask), images.image_sizes)
+
+    def compute_outputs(self, images: ImageList, padding_mask: Optional[Tensor] = None) -> Dict:
+        """The transformer's predictions for the top FoIs (no GT: no positive boost).
+
+        ``padding_mask`` is unused: TSP's masks follow ``images.image_sizes`` (see
+        ``official_padding``). Returns ``pred_logits`` (B, k, K), ``pred_boxes`` (B, k, 4)
+        absolute xyxy in the padded input frame, ``pred_ltrb`` (B, k, 4) in stride units,
+        ``pred_ctrness`` (B, k) logits, ``levels`` (B, k), ``valid`` (B, k) (False: padding
+        FoIs), ``selected`` (B, k) flat location indices and ``local_logits`` (B, R, K).
         """
+        dense = self.dense_outputs(images)
+        return self.encode(dense, self.select_fois(dense["scores"], dense["valid"]))
+
+    # ---------------------------------------------------------------- steps
+    def dense_outputs(self, images: ImageList) -> Dict[str, Tensor]:
+        """Every location's FoI-classifier logits and objectness, tower features, position
+        encoding (+ level embedding), validity, level and xy."""
         features = self.backbone(images.tensor)
         features = [features[f] for f in self.in_features]
-        masks = feature_masks(padding_mask, dict(zip(self.in_features, features)))
-        masks = [masks[f] for f in self.in_features]
+        shapes = [tuple(x.shape[-2:]) for x in features]
         logits, cls_feats, box_feats = self.foi_head(features)
-        anchors = self.anchor_generator(features)
-
-        b = images.tensor.shape[0]
+        if self.official_padding:
+            masks = official_masks(
+                images.image_sizes, images.tensor.shape[-2:], shapes, self.device
+            )
+        else:
+            masks = own_extent_masks(
+                images.image_sizes, self.size_divisibility, shapes, self.strides, self.device
+            )
+        locations, levels = fcos_locations(shapes, self.strides, self.device)
         local_logits = _flatten_levels(logits)  # (B, R, K)
-        tokens = torch.cat(
-            [_flatten_levels(cls_feats), _flatten_levels(box_feats)], dim=-1
-        )  # (B, R, 2C)
-        pos = _flatten_levels(
-            [self.position_embedding(m).to(tokens.dtype) for m in masks]
-        )  # (B, R, d)
+        tokens = torch.cat([_flatten_levels(cls_feats), _flatten_levels(box_feats)], dim=-1)
+        pos = _flatten_levels([self.position_embedding(m).to(tokens.dtype) for m in masks])
         valid = ~torch.cat([m.flatten(1) for m in masks], dim=1)  # (B, R)
-        levels = torch.cat(
-            [
-                torch.full((len(a),), i, dtype=torch.long, device=self.device)
-                for i, a in enumerate(anchors)
-            ]
-        )
-        anchor_boxes = Boxes.cat(anchors).tensor  # (R, 4)
-
-        outputs: Dict[str, Tensor] = {"local_logits": local_logits}
-        with torch.no_grad():
-            scores = local_logits.detach().sigmoid().max(-1).values
-            positive = None
-            if self.training:
-                if gt_instances is None:
-                    raise ValueError("TSPFCOS.compute_outputs needs gt_instances in training mode")
-                labels, gt_index, reg_targets = self.fcos_targets(anchors, gt_instances)
-                outputs.update(
-                    fcos_labels=labels, fcos_gt_index=gt_index, fcos_reg_targets=reg_targets
-                )
-                positive = labels != self.num_classes
-            selected = self.select_fois(scores, valid, positive)
-        sel_levels = levels[selected]
-        sel_valid = valid.gather(1, selected)
-        src = self.input_norm(self.input_proj(_gather_rows(tokens, selected)))
-        pos = _gather_rows(pos, selected) + self.level_embed[sel_levels]
-        memory = self.encoder(src, pos=pos, key_padding_mask=unmask_empty_rows(~sel_valid))
-        ltrb = F.relu(self.bbox_embed(memory)) * self.scales[sel_levels][..., None]
-        boxes = self.box2box_transform.apply_deltas(
-            ltrb.reshape(-1, 4).float(), anchor_boxes[selected.flatten()]
-        ).view(b, -1, 4)
-        outputs.update(
-            pred_logits=self.class_embed(memory),
-            pred_boxes=boxes,
-            pred_ltrb=ltrb,
-            pred_ctrness=self.ctrness(memory).squeeze(-1),
-            levels=sel_levels,
-            valid=sel_valid,
-            selected=selected,
-        )
-        return outputs
+        if self.official_padding:
+            valid = torch.ones_like(valid)  # released: padding ranks and attends as image
+        return {
+            "local_logits": local_logits,
+            "scores": local_logits.detach().sigmoid().max(-1).values,
+            "tokens": tokens,
+            "pos": pos + self.level_embed[levels],
+            "valid": valid,
+            "levels": levels,
+            "locations": locations,
+        }
 
     @torch.no_grad()
     def select_fois(
         self, scores: Tensor, valid: Tensor, positive: Optional[Tensor] = None
     ) -> Tensor:
-        """Flat indices (B, k) of the FoIs fed to the transformer.
-
-        The top ``num_fois`` objectness scores (max class probability) per image. In training,
-        FCOS positives are boosted to 0.5·(p + 1) as released, and ranked before every other
-        location, so all of them are selected (up to ``num_fois``); the released ranking lets
-        a negative above (1 + p)/2 outrank a positive, which changes the selection only when
-        more than ``num_fois`` - #positives negatives score above 0.5. Then a random subset of
-        ``int(k·u)`` positions, ``u ~ U(random_drop, 1]``, is kept (the same positions in
-        every image). Padding locations rank last; the released code ranks them like any other.
-        """
+        """Flat indices (B, k) of the FoIs fed to the transformer, as released: the top
+        ``num_fois`` objectness scores (max class probability), FCOS positives (training)
+        scored 0.5·(p + 1), so a negative above that still outranks them. Then a random subset
+        of ``int(k·u)`` positions, ``u ~ U(random_drop, 1]``, is kept (the same positions in
+        every image). Invalid (other images') padding ranks last."""
         if positive is not None:
-            scores = torch.where(positive, 0.5 * (scores + 1) + 1.0, scores)
+            scores = torch.where(positive, 0.5 * (scores + 1), scores)
         scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
         k = min(self.num_fois, scores.shape[1])
         selected = scores.topk(k, dim=1).indices
@@ -446,36 +494,64 @@ class TSPFCOS(SetPredictionDetector):
             selected = selected[:, keep]
         return selected
 
+    def encode(self, dense: Dict[str, Tensor], selected: Tensor) -> Dict[str, Tensor]:
+        """The encoder over the selected FoIs and the per-FoI class, box and centerness heads."""
+        levels = dense["levels"][selected]
+        valid = dense["valid"].gather(1, selected)
+        src = self.input_norm(self.input_proj(_gather_rows(dense["tokens"], selected)))
+        pos = _gather_rows(dense["pos"], selected)
+        memory = self.encoder(src, pos=pos, key_padding_mask=unmask_empty_rows(~valid))
+        ltrb = F.relu(self.bbox_embed(memory)) * self.scales[levels][..., None]
+        xy = dense["locations"][selected]  # (B, k, 2)
+        stride = levels.new_tensor(self.strides, dtype=torch.float32)[levels][..., None]
+        distances = ltrb.float() * stride
+        boxes = torch.cat([xy - distances[..., :2], xy + distances[..., 2:]], dim=-1)
+        return {
+            "local_logits": dense["local_logits"],
+            "pred_logits": self.class_embed(memory),
+            "pred_boxes": boxes,
+            "pred_ltrb": ltrb,
+            "pred_ctrness": self.ctrness(memory).squeeze(-1),
+            "levels": levels,
+            "valid": valid,
+            "selected": selected,
+        }
+
     @torch.no_grad()
     def fcos_targets(
-        self, anchors: List[Boxes], gt_instances: List[Instances]
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """detectron2's FCOS assignment (centre sampling, size ranges [0,64], [64,128], ...,
-        ties to the smallest GT): per image and location, the class (``num_classes`` =
-        background), the GT index unique over the batch (-1: none) and the ltrb targets in
-        stride units."""
-        anchor_boxes = Boxes.cat(anchors).tensor
+        self, locations: Tensor, levels: Tensor, gt_instances: List[Instances]
+    ) -> Dict[str, Tensor]:
+        """:func:`fcos_assignment` per image: ``fcos_labels`` (B, R), ``fcos_gt_index`` (B, R),
+        unique over the batch (-1: none), and ``fcos_reg_targets`` (B, R, 4)."""
+        strides = levels.new_tensor(self.strides, dtype=torch.float32)[levels]
+        size_ranges = locations.new_tensor(self.size_ranges)[levels]
         labels, gt_index, reg_targets, offset = [], [], [], 0
         for inst in gt_instances:
-            r = len(anchor_boxes)
-            if len(inst) == 0:
-                labels.append(
-                    torch.full((r,), self.num_classes, dtype=torch.long, device=self.device)
+            inst = inst.to(self.device)
+            classes = inst.gt_classes.long()
+            if len(classes) and (classes.min() < 0 or classes.max() >= self.num_classes):
+                raise ValueError(
+                    f"GT class ids must be in [0, {self.num_classes}); got "
+                    f"{classes.unique().tolist()} (does num_classes match the dataset?)"
                 )
-                gt_index.append(torch.full((r,), -1, dtype=torch.long, device=self.device))
-                reg_targets.append(anchor_boxes.new_zeros(r, 4))
-                continue
-            # detectron2's rule, called on this module (it reads self.center_sampling_radius)
-            quality = FCOS._match_anchors(self, inst.gt_boxes, anchors)  # (M, R)
-            best, index = quality.max(dim=0)
-            matched = best > 1e-5
-            labels.append(torch.where(matched, inst.gt_classes[index], self.num_classes))
-            gt_index.append(torch.where(matched, index + offset, -1))
-            reg_targets.append(
-                self.box2box_transform.get_deltas(anchor_boxes, inst.gt_boxes.tensor[index])
+            lab, index, reg = fcos_assignment(
+                locations,
+                strides,
+                size_ranges,
+                inst.gt_boxes.tensor.float(),
+                classes,
+                self.num_classes,
+                self.center_sampling_radius,
             )
+            labels.append(lab)
+            gt_index.append(torch.where(index >= 0, index + offset, -1))
+            reg_targets.append(reg)
             offset += len(inst)
-        return torch.stack(labels), torch.stack(gt_index), torch.stack(reg_targets)
+        return {
+            "fcos_labels": torch.stack(labels),
+            "fcos_gt_index": torch.stack(gt_index),
+            "fcos_reg_targets": torch.stack(reg_targets),
+        }
 
     # ---------------------------------------------------------------- inference
     def detect(
