@@ -298,3 +298,17 @@ def test_wheel_list_covers_what_is_imported():
         dists = {_norm(d) for d in owners.get(module, [])}
         assert dists, f"{module} is imported but not installed here"
         assert dists & known, f"{module} ({dists}) is neither carried nor on the GPU image"
+
+
+def test_op_benchmark_levels_follow_the_backbone_strides():
+    """tools/bench_ops.py --image: the 4 levels at strides 8/16/32/64, each stride-2 stage rounding
+    up, as the levels it hard-coded before for 800x1216 (20,197 encoder queries)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_ops", os.path.join(ROOT, "tools", "bench_ops.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.feature_levels(800, 1216) == ((100, 152), (50, 76), (25, 38), (13, 19))
+    assert bench.case_queries(bench.feature_levels(800, 1216)) == {"encoder": 20197, "decoder": 300}
+    assert bench.feature_levels(512, 512) == ((64, 64), (32, 32), (16, 16), (8, 8))
+    assert bench.feature_levels(513, 65) == ((65, 9), (33, 5), (17, 3), (9, 2))
