@@ -1,14 +1,20 @@
 """Training loop: detectron2's ``SimpleTrainer`` plus device-agnostic autocast, gradient
 clipping and an optional weight EMA."""
 
+import logging
+import math
+import random
 import time
 from typing import Dict, Iterable, Optional
 
+import numpy as np
 import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+logger = logging.getLogger(__name__)
 
 _AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,12 +68,16 @@ class SetPredictionTrainer(SimpleTrainer):
             dtype=self.amp_dtype or torch.float32,
             enabled=self.amp_dtype is not None,
         ):
-            loss_dict = self.model(data)
+            try:
+                loss_dict = self.model(data)
+            except FloatingPointError as e:  # the criterion's check of the predictions
+                raise FloatingPointError(f"iteration {self.iter}: {e}") from e
         losses = sum(loss_dict.values())
         if not torch.isfinite(losses):
+            values = {k: v.item() for k, v in loss_dict.items()}
+            bad = {k: v for k, v in values.items() if not math.isfinite(v)} or values
             raise FloatingPointError(
-                f"Loss became infinite or NaN at iteration {self.iter}: "
-                f"{ {k: v.item() for k, v in loss_dict.items()} }"
+                f"iteration {self.iter}: non-finite loss terms {bad}, the training diverged"
             )
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -91,15 +101,44 @@ class SetPredictionTrainer(SimpleTrainer):
             self.optimizer.step()
 
     def state_dict(self) -> Dict:
+        """detectron2's (iteration, hooks) plus what an exact resume needs: the random states of
+        this process (dropout draws from torch's) and the data loader's position, if it has one
+        (:class:`~detr_variants.data.ResumableTrainLoader`)."""
         ret = super().state_dict()
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
+        ret["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "python": random.getstate(),
+        }
+        if hasattr(self.data_loader, "state_dict"):
+            ret["data_loader"] = self.data_loader.state_dict()
         return ret
 
     def load_state_dict(self, state_dict: Dict):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        rng = state_dict.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            name, keys, *rest = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+            random.setstate(rng["python"])
+        if "data_loader" in state_dict and hasattr(self.data_loader, "load_state_dict"):
+            self.data_loader.load_state_dict(state_dict["data_loader"])
+        elif hasattr(self.data_loader, "load_state_dict"):
+            logger.warning("The checkpoint has no data loader state: the data order restarts")
+
+
+def _numpy_state_to_tensors(state: tuple) -> tuple:
+    """numpy's MT19937 state with its key array as a tensor (checkpoints load weights-only)."""
+    name, keys, *rest = state
+    return (name, torch.from_numpy(keys.astype(np.int64)), *rest)
 
 
 def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
