@@ -1,5 +1,6 @@
 from .mapper import DetrDatasetMapper, valid_annotations
 from .synthetic import register_synthetic_shapes
+from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 from .transforms import RandomChoice, detr_test_augmentations, detr_train_augmentations
 
 register_synthetic_shapes()
@@ -9,6 +10,8 @@ __all__ = [
     "valid_annotations",
     "register_synthetic_shapes",
     "RandomChoice",
+    "ResumableTrainLoader",
+    "build_resumable_train_loader",
     "detr_test_augmentations",
     "detr_train_augmentations",
 ]
