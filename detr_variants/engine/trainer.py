@@ -1,6 +1,7 @@
 """Training loop: detectron2's ``SimpleTrainer`` plus device-agnostic autocast, gradient
 clipping and an optional weight EMA."""
 
+import ctypes
 import logging
 import math
 import random
@@ -9,7 +10,7 @@ from typing import Dict, Iterable, Optional
 
 import numpy as np
 import torch
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -133,6 +134,26 @@ class SetPredictionTrainer(SimpleTrainer):
             self.data_loader.load_state_dict(state_dict["data_loader"])
         elif hasattr(self.data_loader, "load_state_dict"):
             logger.warning("The checkpoint has no data loader state: the data order restarts")
+
+
+class ReleaseFreedMemory(HookBase):
+    """Returns the heap's free pages to the OS after every step (glibc ``malloc_trim``).
+
+    The tensors of a step change size with every multi-scale batch; glibc serves them from a heap
+    that fragments (its mmap threshold rises after large frees), and free pages between live
+    chunks stay resident: over a synthetic Deformable DETR run the resident size grows by GBs.
+    ``malloc_trim(0)`` releases those pages; it is a no-op where the C library is not glibc.
+    """
+
+    def __init__(self):
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def after_step(self):
+        if self._trim is not None:
+            self._trim(0)
 
 
 def _numpy_state_to_tensors(state: tuple) -> tuple:
