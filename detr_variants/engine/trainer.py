@@ -104,7 +104,9 @@ class SetPredictionTrainer(SimpleTrainer):
     def state_dict(self) -> Dict:
         """detectron2's (iteration, hooks) plus what an exact resume needs: the random states of
         this process (dropout draws from torch's) and the data loader's position, if it has one
-        (:class:`~detr_variants.data.ResumableTrainLoader`)."""
+        (:class:`~detr_variants.data.ResumableTrainLoader`). Exact for one process; with DDP the
+        main process's state is saved, and the others resume at the same position with the
+        images waiting in their aspect-ratio groups dropped (at most 2 x (batch - 1) each)."""
         ret = super().state_dict()
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
@@ -122,8 +124,11 @@ class SetPredictionTrainer(SimpleTrainer):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        # Only the main process saves checkpoints: the other processes of a DDP run keep their
+        # own random states and, of the loader's state, the position (their groups differ).
+        main = comm.get_rank() == 0
         rng = state_dict.get("rng")
-        if rng is not None:
+        if rng is not None and main:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
@@ -131,7 +136,10 @@ class SetPredictionTrainer(SimpleTrainer):
             np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
             random.setstate(rng["python"])
         if "data_loader" in state_dict and hasattr(self.data_loader, "load_state_dict"):
-            self.data_loader.load_state_dict(state_dict["data_loader"])
+            data = dict(state_dict["data_loader"])
+            if not main:
+                data["groups"] = [[] for _ in data["groups"]]
+            self.data_loader.load_state_dict(data)
         elif hasattr(self.data_loader, "load_state_dict"):
             logger.warning("The checkpoint has no data loader state: the data order restarts")
 
