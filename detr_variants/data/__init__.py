@@ -5,6 +5,7 @@ from .custom import (
 )
 from .mapper import DetrDatasetMapper, valid_annotations
 from .synthetic import register_synthetic_shapes
+from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 from .transforms import RandomChoice, detr_test_augmentations, detr_train_augmentations
 
 register_synthetic_shapes()
@@ -17,6 +18,8 @@ __all__ = [
     "scaled_detr_train_augmentations",
     "scaled_detr_test_augmentations",
     "RandomChoice",
+    "ResumableTrainLoader",
+    "build_resumable_train_loader",
     "detr_test_augmentations",
     "detr_train_augmentations",
 ]

@@ -1,18 +1,20 @@
 # COCO 2017 with DETR's augmentation (detectron2's builtin registration: $DETECTRON2_DATASETS/coco).
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
-from detr_variants.data import DetrDatasetMapper, detr_test_augmentations, detr_train_augmentations
+from detr_variants.data import (
+    DetrDatasetMapper,
+    build_resumable_train_loader,
+    detr_test_augmentations,
+    detr_train_augmentations,
+)
 
 dataloader = OmegaConf.create()
 
-dataloader.train = L(build_detection_train_loader)(
+# build_detection_train_loader's arguments; the order continues exactly after --resume.
+dataloader.train = L(build_resumable_train_loader)(
     # DETR trains on every image, including those without objects.
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_train", filter_empty=False),
     mapper=L(DetrDatasetMapper)(

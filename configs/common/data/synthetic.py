@@ -1,19 +1,21 @@
 # The embedded synthetic_shapes dataset (generated on first use), with DETR's augmentation
 # scaled from COCO's 800-pixel recipe by 224/800 (the images are 224-320 pixels a side).
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
-from detr_variants.data import DetrDatasetMapper, detr_test_augmentations, detr_train_augmentations
+from detr_variants.data import (
+    DetrDatasetMapper,
+    build_resumable_train_loader,
+    detr_test_augmentations,
+    detr_train_augmentations,
+)
 
 dataloader = OmegaConf.create()
 
-dataloader.train = L(build_detection_train_loader)(
+# build_detection_train_loader's arguments; the order continues exactly after --resume.
+dataloader.train = L(build_resumable_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="synthetic_shapes_train", filter_empty=False),
     mapper=L(DetrDatasetMapper)(
         is_train=True,
