@@ -15,6 +15,9 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+	@# the native sources follow ops/.clang-format (Debian's clang-format)
+	command -v clang-format >/dev/null && find ops \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' \) \
+		-exec clang-format --style=file -i {} + || echo 'clang-format not installed: ops/ not formatted'
 
 test: setup
 	$(PY) -m pytest -q tests

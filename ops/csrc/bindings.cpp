@@ -27,7 +27,8 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spa
     no_cuda();
 #endif
   }
-  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_forward: unsupported device ", value.device());
+  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_forward: unsupported device ",
+              value.device());
   return ms_deform_attn_cpu_forward(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights);
 }
@@ -38,13 +39,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
     const at::Tensor& grad_output) {
   if (value.is_cuda()) {
 #ifdef WITH_CUDA
-    return ms_deform_attn_cuda_backward(value, spatial_shapes, level_start_index, sampling_locations,
-                                        attention_weights, grad_output);
+    return ms_deform_attn_cuda_backward(value, spatial_shapes, level_start_index,
+                                        sampling_locations, attention_weights, grad_output);
 #else
     no_cuda();
 #endif
   }
-  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_backward: unsupported device ", value.device());
+  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_backward: unsupported device ",
+              value.device());
   return ms_deform_attn_cpu_backward(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights, grad_output);
 }
@@ -76,10 +78,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_cpu_forward", &dropout_cpu_forward,
         "Dropout (optionally fused with a ReLU before it, or a residual added after it) with a "
         "counter-based mask -> (output, bool mask).",
-        py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("relu") = false, py::arg("inplace") = false,
-        py::arg("residual") = py::none());
-  m.def("dropout_cpu_backward", &dropout_cpu_backward, "grad_output * mask * scale.", py::arg("grad_output"),
-        py::arg("mask"), py::arg("scale"), py::arg("inplace") = false);
+        py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("relu") = false,
+        py::arg("inplace") = false, py::arg("residual") = py::none());
+  m.def("dropout_cpu_backward", &dropout_cpu_backward, "grad_output * mask * scale.",
+        py::arg("grad_output"), py::arg("mask"), py::arg("scale"), py::arg("inplace") = false);
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("cpu_isa", &ms_deform_attn_cpu_isa,
         "Instruction set used by the CPU kernels: avx512, avx2 or baseline.");

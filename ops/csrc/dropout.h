@@ -17,10 +17,12 @@ namespace detr_variants {
 // Returns (output, mask), mask a bool tensor of x's shape; x float32/float64 on the CPU. With
 // `inplace` the output is x itself (x must be contiguous); with a `residual` (x's shape and dtype)
 // the output is residual + dropout(x), one pass instead of two.
-std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, double p, int64_t seed, bool relu,
-                                                       bool inplace, const c10::optional<at::Tensor>& residual);
+std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, double p, int64_t seed,
+                                                       bool relu, bool inplace,
+                                                       const c10::optional<at::Tensor>& residual);
 
 // grad_output * mask * scale, in grad_output itself with `inplace`.
-at::Tensor dropout_cpu_backward(const at::Tensor& grad_output, const at::Tensor& mask, double scale, bool inplace);
+at::Tensor dropout_cpu_backward(const at::Tensor& grad_output, const at::Tensor& mask, double scale,
+                                bool inplace);
 
 }  // namespace detr_variants

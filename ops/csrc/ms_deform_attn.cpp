@@ -18,19 +18,21 @@ void ms_deform_attn_check_inputs(const at::Tensor& value, const at::Tensor& spat
   TORCH_CHECK(attention_weights.dim() == 5,
               "ms_deform_attn: attention_weights must be (N, Lq, M, L, P), got ",
               attention_weights.sizes());
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
-              "ms_deform_attn: spatial_shapes and level_start_index must be int64, got ",
-              spatial_shapes.scalar_type(), " and ", level_start_index.scalar_type());
+  TORCH_CHECK(
+      spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
+      "ms_deform_attn: spatial_shapes and level_start_index must be int64, got ",
+      spatial_shapes.scalar_type(), " and ", level_start_index.scalar_type());
   TORCH_CHECK(at::isFloatingType(value.scalar_type()),
               "ms_deform_attn: value must be a floating tensor, got ", value.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ",
-              value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ",
-              attention_weights.scalar_type());
-  TORCH_CHECK(sampling_locations.device() == value.device() &&
-                  attention_weights.device() == value.device(),
-              "ms_deform_attn: value, sampling_locations and attention_weights must be on one device");
+  TORCH_CHECK(
+      sampling_locations.scalar_type() == value.scalar_type() &&
+          attention_weights.scalar_type() == value.scalar_type(),
+      "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ",
+      value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ",
+      attention_weights.scalar_type());
+  TORCH_CHECK(
+      sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
+      "ms_deform_attn: value, sampling_locations and attention_weights must be on one device");
 
   const int64_t N = value.size(0), M = value.size(2), L = spatial_shapes.size(0);
   TORCH_CHECK(level_start_index.size(0) == L, "ms_deform_attn: level_start_index has ",
@@ -39,8 +41,8 @@ void ms_deform_attn_check_inputs(const at::Tensor& value, const at::Tensor& spat
               "ms_deform_attn: batch sizes differ: value ", N, ", sampling_locations ",
               sampling_locations.size(0), ", attention_weights ", attention_weights.size(0));
   TORCH_CHECK(sampling_locations.size(1) == attention_weights.size(1),
-              "ms_deform_attn: query counts differ: sampling_locations ", sampling_locations.size(1),
-              ", attention_weights ", attention_weights.size(1));
+              "ms_deform_attn: query counts differ: sampling_locations ",
+              sampling_locations.size(1), ", attention_weights ", attention_weights.size(1));
   TORCH_CHECK(sampling_locations.size(2) == M && attention_weights.size(2) == M,
               "ms_deform_attn: head counts differ: value ", M, ", sampling_locations ",
               sampling_locations.size(2), ", attention_weights ", attention_weights.size(2));
@@ -48,8 +50,8 @@ void ms_deform_attn_check_inputs(const at::Tensor& value, const at::Tensor& spat
               "ms_deform_attn: level counts differ: spatial_shapes ", L, ", sampling_locations ",
               sampling_locations.size(3), ", attention_weights ", attention_weights.size(3));
   TORCH_CHECK(sampling_locations.size(4) == attention_weights.size(4),
-              "ms_deform_attn: point counts differ: sampling_locations ", sampling_locations.size(4),
-              ", attention_weights ", attention_weights.size(4));
+              "ms_deform_attn: point counts differ: sampling_locations ",
+              sampling_locations.size(4), ", attention_weights ", attention_weights.size(4));
 
   // The level table is checked against S whenever that needs no device synchronisation: the
   // levels must tile value's S positions in order (what the PyTorch path's split assumes).

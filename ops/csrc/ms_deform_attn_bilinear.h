@@ -72,8 +72,8 @@ struct BilinearTap {
 // (or both for a non-finite weight), and no value gradient. The finiteness test runs only on the
 // outside-the-map path; NaN / inf weights of samples inside the map propagate through the sums.
 template <typename acc_t, typename index_t>
-MSDA_HOST_DEVICE bool bilinear_tap(acc_t x, acc_t y, acc_t w, int64_t H, int64_t W, index_t pos_stride,
-                                   BilinearTap<acc_t, index_t>& tap) {
+MSDA_HOST_DEVICE bool bilinear_tap(acc_t x, acc_t y, acc_t w, int64_t H, int64_t W,
+                                   index_t pos_stride, BilinearTap<acc_t, index_t>& tap) {
   const acc_t h_im = y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5);
   const acc_t w_im = x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5);
   // Written so that NaN locations are rejected too.

@@ -37,8 +37,8 @@ void draw_bits(uint64_t seed, uint64_t first_pair, uint32_t* bits) {
 }
 
 template <typename scalar_t, bool kRelu, bool kResidual>
-void forward_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out, uint8_t* mask, int64_t n,
-                    uint64_t seed, uint32_t threshold, scalar_t scale) {
+void forward_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out, uint8_t* mask,
+                    int64_t n, uint64_t seed, uint32_t threshold, scalar_t scale) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 32, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t bits[kBlock];
@@ -55,7 +55,8 @@ void forward_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out, 
         const scalar_t v = xs[j];
         const int keep = (bits[j] >= threshold) & (!kRelu | (v > scalar_t(0)));
         ms[j] = keep;
-        const scalar_t dropped = v * (static_cast<scalar_t>(keep) * scale);  // x * 0 keeps NaNs, as torch
+        const scalar_t dropped =
+            v * (static_cast<scalar_t>(keep) * scale);  // x * 0 keeps NaNs, as torch
         os[j] = kResidual ? rs[j] + dropped : dropped;
       }
     }
@@ -63,20 +64,24 @@ void forward_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out, 
 }
 
 template <typename scalar_t>
-void backward_kernel(const scalar_t* grad, const uint8_t* mask, scalar_t* out, int64_t n, scalar_t scale) {
+void backward_kernel(const scalar_t* grad, const uint8_t* mask, scalar_t* out, int64_t n,
+                     scalar_t scale) {
   at::parallel_for(0, n, 32 * kBlock, [&](int64_t begin, int64_t end) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) out[i] = grad[i] * (static_cast<scalar_t>(mask[i]) * scale);
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = grad[i] * (static_cast<scalar_t>(mask[i]) * scale);
   });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, double p, int64_t seed, bool relu,
-                                                       bool inplace, const c10::optional<at::Tensor>& residual) {
+std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, double p, int64_t seed,
+                                                       bool relu, bool inplace,
+                                                       const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.device().is_cpu(), "dropout_cpu_forward: expected a CPU tensor, got ", x.device());
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_cpu_forward: p must be in [0, 1), got ", p);
-  TORCH_CHECK(!inplace || x.is_contiguous(), "dropout_cpu_forward: in place needs a contiguous tensor");
+  TORCH_CHECK(!inplace || x.is_contiguous(),
+              "dropout_cpu_forward: in place needs a contiguous tensor");
   const at::Tensor input = x.contiguous();
   at::Tensor res;
   if (residual.has_value()) {
@@ -85,32 +90,39 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu_forward(const at::Tensor& x, doub
                 "dropout_cpu_forward: the residual must be a CPU tensor of x's shape and dtype");
     res = residual->contiguous();
   }
-  at::Tensor out = inplace ? input : at::empty_like(input);  // the kernel reads x[i] before writing out[i]
+  at::Tensor out =
+      inplace ? input : at::empty_like(input);  // the kernel reads x[i] before writing out[i]
   at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
   const double levels = std::ldexp(1.0, 32);
-  const uint32_t threshold = static_cast<uint32_t>(std::min(std::nearbyint(p * levels), levels - 1));
+  const uint32_t threshold =
+      static_cast<uint32_t>(std::min(std::nearbyint(p * levels), levels - 1));
   const double scale = 1.0 / (1.0 - p);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dropout_cpu_forward", [&] {
-    auto run = relu ? (res.defined() ? forward_kernel<scalar_t, true, true> : forward_kernel<scalar_t, true, false>)
-                    : (res.defined() ? forward_kernel<scalar_t, false, true> : forward_kernel<scalar_t, false, false>);
+    auto run = relu ? (res.defined() ? forward_kernel<scalar_t, true, true>
+                                     : forward_kernel<scalar_t, true, false>)
+                    : (res.defined() ? forward_kernel<scalar_t, false, true>
+                                     : forward_kernel<scalar_t, false, false>);
     run(input.const_data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(), reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>()), input.numel(),
-        static_cast<uint64_t>(seed), threshold, static_cast<scalar_t>(scale));
+        out.mutable_data_ptr<scalar_t>(), reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>()),
+        input.numel(), static_cast<uint64_t>(seed), threshold, static_cast<scalar_t>(scale));
   });
   return {out, mask};
 }
 
-at::Tensor dropout_cpu_backward(const at::Tensor& grad_output, const at::Tensor& mask, double scale, bool inplace) {
+at::Tensor dropout_cpu_backward(const at::Tensor& grad_output, const at::Tensor& mask, double scale,
+                                bool inplace) {
   TORCH_CHECK(grad_output.device().is_cpu() && mask.device().is_cpu(),
               "dropout_cpu_backward: expected CPU tensors");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == grad_output.sizes(),
               "dropout_cpu_backward: mask must be a bool tensor of the gradient's shape");
-  TORCH_CHECK(!inplace || grad_output.is_contiguous(), "dropout_cpu_backward: in place needs a contiguous tensor");
+  TORCH_CHECK(!inplace || grad_output.is_contiguous(),
+              "dropout_cpu_backward: in place needs a contiguous tensor");
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor keep = mask.contiguous();
   at::Tensor out = inplace ? grad : at::empty_like(grad);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "dropout_cpu_backward", [&] {
-    backward_kernel(grad.const_data_ptr<scalar_t>(), reinterpret_cast<const uint8_t*>(keep.const_data_ptr<bool>()),
+    backward_kernel(grad.const_data_ptr<scalar_t>(),
+                    reinterpret_cast<const uint8_t*>(keep.const_data_ptr<bool>()),
                     out.mutable_data_ptr<scalar_t>(), grad.numel(), static_cast<scalar_t>(scale));
   });
   return out;

@@ -79,9 +79,12 @@ using BackwardFn = void (*)(const BwdArgs&, ScalarKind, int64_t, int64_t, void*)
 ForwardFn forward_fn() {
 #ifdef MSDA_HAVE_X86_VARIANTS
   switch (current_isa().load()) {
-    case kAvx512: return &msda_cpu::avx512::forward;
-    case kAvx2: return &msda_cpu::avx2::forward;
-    default: break;
+    case kAvx512:
+      return &msda_cpu::avx512::forward;
+    case kAvx2:
+      return &msda_cpu::avx2::forward;
+    default:
+      break;
   }
 #endif
   return &msda_cpu::baseline::forward;
@@ -90,9 +93,12 @@ ForwardFn forward_fn() {
 BackwardFn backward_fn() {
 #ifdef MSDA_HAVE_X86_VARIANTS
   switch (current_isa().load()) {
-    case kAvx512: return &msda_cpu::avx512::backward;
-    case kAvx2: return &msda_cpu::avx2::backward;
-    default: break;
+    case kAvx512:
+      return &msda_cpu::avx512::backward;
+    case kAvx2:
+      return &msda_cpu::avx2::backward;
+    default:
+      break;
   }
 #endif
   return &msda_cpu::baseline::backward;
@@ -100,11 +106,14 @@ BackwardFn backward_fn() {
 
 ScalarKind scalar_kind(const at::Tensor& value) {
   switch (value.scalar_type()) {
-    case at::kFloat: return ScalarKind::kFloat;
-    case at::kDouble: return ScalarKind::kDouble;
+    case at::kFloat:
+      return ScalarKind::kFloat;
+    case at::kDouble:
+      return ScalarKind::kDouble;
     default:
       TORCH_CHECK(false, "ms_deform_attn: the CPU kernel supports float32 and float64, got ",
-                  value.scalar_type(), " (use the PyTorch path, ms_deform_attn_pytorch, for others)");
+                  value.scalar_type(),
+                  " (use the PyTorch path, ms_deform_attn_pytorch, for others)");
   }
   return ScalarKind::kFloat;
 }
@@ -132,7 +141,8 @@ struct PreparedInputs {
 };
 
 PreparedInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& level_start_index,
+                              const at::Tensor& sampling_locations,
                               const at::Tensor& attention_weights) {
   ms_deform_attn_check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights);
@@ -152,8 +162,13 @@ PreparedInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial
   a.loc = p.loc.data_ptr();
   a.attn = p.attn.data_ptr();
   a.zeros = p.zeros.data_ptr();
-  a.N = p.value.size(0); a.S = p.value.size(1); a.M = p.value.size(2); a.D = p.value.size(3);
-  a.Lq = p.loc.size(1); a.L = p.loc.size(3); a.P = p.loc.size(4);
+  a.N = p.value.size(0);
+  a.S = p.value.size(1);
+  a.M = p.value.size(2);
+  a.D = p.value.size(3);
+  a.Lq = p.loc.size(1);
+  a.L = p.loc.size(3);
+  a.P = p.loc.size(4);
   a.prefetch = prefetch_distance();
   return p;
 }
@@ -162,9 +177,12 @@ PreparedInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial
 
 std::string ms_deform_attn_cpu_isa() {
   switch (current_isa().load()) {
-    case kAvx512: return "avx512";
-    case kAvx2: return "avx2";
-    default: return "baseline";
+    case kAvx512:
+      return "avx512";
+    case kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
   }
 }
 
@@ -178,9 +196,10 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const int64_t N = in.args.N, M = in.args.M, D = in.args.D, Lq = in.args.Lq, L = in.args.L, P = in.args.P;
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
+  const int64_t N = in.args.N, M = in.args.M, D = in.args.D, Lq = in.args.Lq, L = in.args.L,
+                P = in.args.P;
   at::Tensor out = at::empty({N, Lq, M * D}, in.value.options());
   if (out.numel() == 0) return out;
 
@@ -193,7 +212,8 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor&
   const ForwardFn fn = forward_fn();
   // Each output row is produced by exactly one task in a fixed order, so the result is bitwise
   // independent of the thread count.
-  at::parallel_for(0, N * Lq, grain, [&](int64_t begin, int64_t end) { fn(a, in.kind, begin, end); });
+  at::parallel_for(0, N * Lq, grain,
+                   [&](int64_t begin, int64_t end) { fn(a, in.kind, begin, end); });
   return out;
 }
 
@@ -201,15 +221,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cpu_backward(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
     const at::Tensor& grad_output) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
   const at::Tensor& v = in.value;
-  const int64_t N = in.args.N, S = in.args.S, M = in.args.M, D = in.args.D, Lq = in.args.Lq, L = in.args.L,
-                P = in.args.P;
+  const int64_t N = in.args.N, S = in.args.S, M = in.args.M, D = in.args.D, Lq = in.args.Lq,
+                L = in.args.L, P = in.args.P;
   TORCH_CHECK(grad_output.device().is_cpu() && grad_output.scalar_type() == v.scalar_type(),
-              "ms_deform_attn_cpu_backward: grad_output must be a CPU tensor of dtype ", v.scalar_type());
-  TORCH_CHECK(grad_output.numel() == N * Lq * M * D, "ms_deform_attn_cpu_backward: grad_output has ",
-              grad_output.numel(), " elements, expected ", N * Lq * M * D, " for (N, Lq, M*D)");
+              "ms_deform_attn_cpu_backward: grad_output must be a CPU tensor of dtype ",
+              v.scalar_type());
+  TORCH_CHECK(grad_output.numel() == N * Lq * M * D,
+              "ms_deform_attn_cpu_backward: grad_output has ", grad_output.numel(),
+              " elements, expected ", N * Lq * M * D, " for (N, Lq, M*D)");
   const at::Tensor grad_out = grad_output.contiguous();
 
   at::Tensor grad_value = at::zeros_like(v);

@@ -25,29 +25,29 @@ struct InputArgs {
   const void* attn;            // (N, Lq, M, L, P)
   const void* zeros;           // D zeros, read for corners outside the map
   int64_t N, S, M, D, Lq, L, P;
-  int64_t prefetch;            // prefetch distance in taps (0: none)
+  int64_t prefetch;  // prefetch distance in taps (0: none)
 };
 
 struct FwdArgs : InputArgs {
-  void* out;                   // (N, Lq, M, D)
+  void* out;  // (N, Lq, M, D)
 };
 
 struct BwdArgs : InputArgs {
-  const void* grad_out;        // (N, Lq, M, D)
-  void* grad_value;            // (N, S, M, D), chunk 0 accumulates here (must start at zero)
-  void* grad_value_extra;      // (chunks - 1, N, S, M, D) zeroed buffers for chunks 1.., or null
-  void* grad_loc;              // (N, Lq, M, L, P, 2), fully written
-  void* grad_attn;             // (N, Lq, M, L, P), fully written
-  int64_t chunks;              // query chunks per (n, m); work items = N * M * chunks
+  const void* grad_out;    // (N, Lq, M, D)
+  void* grad_value;        // (N, S, M, D), chunk 0 accumulates here (must start at zero)
+  void* grad_value_extra;  // (chunks - 1, N, S, M, D) zeroed buffers for chunks 1.., or null
+  void* grad_loc;          // (N, Lq, M, L, P, 2), fully written
+  void* grad_attn;         // (N, Lq, M, L, P), fully written
+  int64_t chunks;          // query chunks per (n, m); work items = N * M * chunks
 };
 
 // One namespace per instruction set; each provides
 //   forward:  computes out rows [begin, end) of the flattened (N * Lq) query index
 //   backward: processes work items [begin, end) of the flattened (N, M, chunk) index;
 //             sink_row points to D private scratch elements of the scalar type
-#define MSDA_DECLARE_ISA(isa)                                                                  \
-  namespace isa {                                                                              \
-  void forward(const FwdArgs& a, ScalarKind kind, int64_t begin, int64_t end);                 \
+#define MSDA_DECLARE_ISA(isa)                                                                   \
+  namespace isa {                                                                               \
+  void forward(const FwdArgs& a, ScalarKind kind, int64_t begin, int64_t end);                  \
   void backward(const BwdArgs& a, ScalarKind kind, int64_t begin, int64_t end, void* sink_row); \
   }
 

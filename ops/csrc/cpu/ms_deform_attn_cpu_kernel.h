@@ -67,7 +67,8 @@ struct FwdTap {
 template <typename scalar_t>
 static inline int64_t forward_taps(const FwdArgs& a, int64_t idx, int64_t pos_stride, int64_t D,
                                    const scalar_t* value, const scalar_t* loc, const scalar_t* attn,
-                                   const scalar_t* zeros, FwdTap<scalar_t>* taps, int64_t* head_end) {
+                                   const scalar_t* zeros, FwdTap<scalar_t>* taps,
+                                   int64_t* head_end) {
   const int64_t M = a.M, L = a.L, P = a.P;
   const int64_t n = idx / a.Lq;
   const scalar_t* value_n = value + n * a.S * pos_stride;
@@ -82,7 +83,8 @@ static inline int64_t forward_taps(const FwdArgs& a, int64_t idx, int64_t pos_st
       for (int64_t p = 0; p < P; ++p, loc_p += 2, ++attn_p) {
         const scalar_t w = *attn_p;
         msda::BilinearTap<scalar_t, int64_t> t;
-        if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], w, H, W, pos_stride, t)) continue;
+        if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], w, H, W, pos_stride, t))
+          continue;
         FwdTap<scalar_t>& tap = taps[count++];
         for (int k = 0; k < 4; ++k) {
           tap.v[k] = t.valid[k] ? vbase + t.offset[k] : zeros;
@@ -121,10 +123,13 @@ static void forward_range(const FwdArgs& a, int64_t begin, int64_t end) {
   // Fixed D: the accumulator lives in registers. Dynamic D: accumulate in the output row.
   scalar_t acc_local[DC > 0 ? DC : 1];
 
-  int64_t n_cur = begin < end ? forward_taps(a, begin, pos_stride, D, value, loc, attn, zeros, cur, cur_end) : 0;
+  int64_t n_cur = begin < end
+                      ? forward_taps(a, begin, pos_stride, D, value, loc, attn, zeros, cur, cur_end)
+                      : 0;
   for (int64_t idx = begin; idx < end; ++idx) {
-    const int64_t n_nxt =
-        idx + 1 < end ? forward_taps(a, idx + 1, pos_stride, D, value, loc, attn, zeros, nxt, nxt_end) : 0;
+    const int64_t n_nxt = idx + 1 < end ? forward_taps(a, idx + 1, pos_stride, D, value, loc, attn,
+                                                       zeros, nxt, nxt_end)
+                                        : 0;
     for (int64_t i = 0; i < a.prefetch && i < n_cur; ++i) {
       for (int k = 0; k < 4; ++k) prefetch_row(cur[i].v[k], row_bytes, 0);
     }
@@ -135,7 +140,8 @@ static void forward_range(const FwdArgs& a, int64_t begin, int64_t end) {
       for (int64_t c = 0; c < D; ++c) acc[c] = scalar_t(0);
       for (; i < cur_end[m]; ++i) {
         const int64_t j = i + a.prefetch;
-        const FwdTap<scalar_t>* ahead = j < n_cur ? cur + j : (j - n_cur < n_nxt ? nxt + (j - n_cur) : nullptr);
+        const FwdTap<scalar_t>* ahead =
+            j < n_cur ? cur + j : (j - n_cur < n_nxt ? nxt + (j - n_cur) : nullptr);
         if (a.prefetch > 0 && ahead != nullptr) {
           for (int k = 0; k < 4; ++k) prefetch_row(ahead->v[k], row_bytes, 0);
         }
@@ -176,10 +182,11 @@ struct BwdTap {
 // Taps of query row q of head m (batch n); samples that contribute nothing get zero gradients
 // here and no tap. Returns the number of taps.
 template <typename scalar_t>
-static inline int64_t backward_taps(const BwdArgs& a, int64_t n, int64_t m, int64_t q, int64_t pos_stride,
-                                    const scalar_t* value_nm, scalar_t* gv_nm, const scalar_t* loc,
-                                    const scalar_t* attn, scalar_t* grad_loc, scalar_t* grad_attn,
-                                    const scalar_t* zeros, scalar_t* sink, BwdTap<scalar_t>* taps) {
+static inline int64_t backward_taps(const BwdArgs& a, int64_t n, int64_t m, int64_t q,
+                                    int64_t pos_stride, const scalar_t* value_nm, scalar_t* gv_nm,
+                                    const scalar_t* loc, const scalar_t* attn, scalar_t* grad_loc,
+                                    scalar_t* grad_attn, const scalar_t* zeros, scalar_t* sink,
+                                    BwdTap<scalar_t>* taps) {
   const int64_t L = a.L, P = a.P;
   const int64_t row = (n * a.Lq + q) * a.M + m;
   const scalar_t* loc_p = loc + row * L * P * 2;
@@ -192,7 +199,8 @@ static inline int64_t backward_taps(const BwdArgs& a, int64_t n, int64_t m, int6
     const int64_t start = a.level_start[l] * pos_stride;
     for (int64_t p = 0; p < P; ++p, loc_p += 2, ++attn_p, gloc_p += 2, ++gattn_p) {
       msda::BilinearTap<scalar_t, int64_t> t;
-      if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], *attn_p, H, W, pos_stride, t)) {
+      if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], *attn_p, H, W, pos_stride,
+                                                 t)) {
         gloc_p[0] = scalar_t(0);
         gloc_p[1] = scalar_t(0);
         *gattn_p = scalar_t(0);
@@ -247,19 +255,21 @@ static void backward_range(const BwdArgs& a, int64_t begin, int64_t end, void* s
     const int64_t chunk = task % chunks;
     const int64_t nm = task / chunks;
     const int64_t n = nm / M, m = nm % M;
-    scalar_t* gv_buffer = chunk == 0 ? static_cast<scalar_t*>(a.grad_value)
-                                     : static_cast<scalar_t*>(a.grad_value_extra) + (chunk - 1) * N * S * pos_stride;
+    scalar_t* gv_buffer =
+        chunk == 0 ? static_cast<scalar_t*>(a.grad_value)
+                   : static_cast<scalar_t*>(a.grad_value_extra) + (chunk - 1) * N * S * pos_stride;
     scalar_t* gv_nm = gv_buffer + n * S * pos_stride + m * D;
     const scalar_t* value_nm = value + n * S * pos_stride + m * D;
     const int64_t q0 = chunk * q_per_chunk;
     const int64_t q1 = q0 + q_per_chunk < Lq ? q0 + q_per_chunk : Lq;
-    int64_t n_cur = q0 < q1 ? backward_taps(a, n, m, q0, pos_stride, value_nm, gv_nm, loc, attn, grad_loc,
-                                            grad_attn, zeros, sink, cur)
+    int64_t n_cur = q0 < q1 ? backward_taps(a, n, m, q0, pos_stride, value_nm, gv_nm, loc, attn,
+                                            grad_loc, grad_attn, zeros, sink, cur)
                             : 0;
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n_nxt = q + 1 < q1 ? backward_taps(a, n, m, q + 1, pos_stride, value_nm, gv_nm, loc, attn,
-                                                       grad_loc, grad_attn, zeros, sink, nxt)
-                                       : 0;
+      const int64_t n_nxt = q + 1 < q1
+                                ? backward_taps(a, n, m, q + 1, pos_stride, value_nm, gv_nm, loc,
+                                                attn, grad_loc, grad_attn, zeros, sink, nxt)
+                                : 0;
       const scalar_t* __restrict g = grad_out + ((n * Lq + q) * M + m) * D;
       for (int64_t i = 0; i < a.prefetch && i < n_cur; ++i) {
         for (int k = 0; k < 4; ++k) {
@@ -269,7 +279,8 @@ static void backward_range(const BwdArgs& a, int64_t begin, int64_t end, void* s
       }
       for (int64_t i = 0; i < n_cur; ++i) {
         const int64_t j = i + a.prefetch;
-        const BwdTap<scalar_t>* ahead = j < n_cur ? cur + j : (j - n_cur < n_nxt ? nxt + (j - n_cur) : nullptr);
+        const BwdTap<scalar_t>* ahead =
+            j < n_cur ? cur + j : (j - n_cur < n_nxt ? nxt + (j - n_cur) : nullptr);
         if (a.prefetch > 0 && ahead != nullptr) {
           for (int k = 0; k < 4; ++k) {
             prefetch_row(ahead->v[k], row_bytes, 0);
@@ -315,16 +326,23 @@ static void backward_range(const BwdArgs& a, int64_t begin, int64_t end, void* s
 void forward(const FwdArgs& a, ScalarKind kind, int64_t begin, int64_t end) {
   if (kind == ScalarKind::kFloat) {
     switch (a.D) {
-      case 16: return forward_range<float, 16>(a, begin, end);
-      case 32: return forward_range<float, 32>(a, begin, end);
-      case 64: return forward_range<float, 64>(a, begin, end);
-      default: return forward_range<float, 0>(a, begin, end);
+      case 16:
+        return forward_range<float, 16>(a, begin, end);
+      case 32:
+        return forward_range<float, 32>(a, begin, end);
+      case 64:
+        return forward_range<float, 64>(a, begin, end);
+      default:
+        return forward_range<float, 0>(a, begin, end);
     }
   } else {
     switch (a.D) {
-      case 16: return forward_range<double, 16>(a, begin, end);
-      case 32: return forward_range<double, 32>(a, begin, end);
-      default: return forward_range<double, 0>(a, begin, end);
+      case 16:
+        return forward_range<double, 16>(a, begin, end);
+      case 32:
+        return forward_range<double, 32>(a, begin, end);
+      default:
+        return forward_range<double, 0>(a, begin, end);
     }
   }
 }
@@ -332,16 +350,23 @@ void forward(const FwdArgs& a, ScalarKind kind, int64_t begin, int64_t end) {
 void backward(const BwdArgs& a, ScalarKind kind, int64_t begin, int64_t end, void* sink_row) {
   if (kind == ScalarKind::kFloat) {
     switch (a.D) {
-      case 16: return backward_range<float, 16>(a, begin, end, sink_row);
-      case 32: return backward_range<float, 32>(a, begin, end, sink_row);
-      case 64: return backward_range<float, 64>(a, begin, end, sink_row);
-      default: return backward_range<float, 0>(a, begin, end, sink_row);
+      case 16:
+        return backward_range<float, 16>(a, begin, end, sink_row);
+      case 32:
+        return backward_range<float, 32>(a, begin, end, sink_row);
+      case 64:
+        return backward_range<float, 64>(a, begin, end, sink_row);
+      default:
+        return backward_range<float, 0>(a, begin, end, sink_row);
     }
   } else {
     switch (a.D) {
-      case 16: return backward_range<double, 16>(a, begin, end, sink_row);
-      case 32: return backward_range<double, 32>(a, begin, end, sink_row);
-      default: return backward_range<double, 0>(a, begin, end, sink_row);
+      case 16:
+        return backward_range<double, 16>(a, begin, end, sink_row);
+      case 32:
+        return backward_range<double, 32>(a, begin, end, sink_row);
+      default:
+        return backward_range<double, 0>(a, begin, end, sink_row);
     }
   }
 }

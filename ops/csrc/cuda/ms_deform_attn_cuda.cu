@@ -30,13 +30,15 @@
 // MSDA_CUDA_EMULATION defined and runs the kernels on CPU threads (a host emulation of blocks,
 // warps, shuffles and atomics), so the kernels and launchers can be checked without a GPU.
 #ifdef MSDA_CUDA_EMULATION
-#define MSDA_LAUNCH(blocks, threads, smem, stream, ...) msda_emulated_launch(blocks, threads, smem, __VA_ARGS__)
+#define MSDA_LAUNCH(blocks, threads, smem, stream, ...) \
+  msda_emulated_launch(blocks, threads, smem, __VA_ARGS__)
 #define MSDA_DEVICE_GUARD(tensor)
 #define MSDA_CURRENT_STREAM() nullptr
 #define MSDA_LAUNCH_CHECK()
 #define MSDA_CHECK_CUDA_TENSOR(tensor)
 #else
-#define MSDA_LAUNCH(blocks, threads, smem, stream, ...) __VA_ARGS__<<<blocks, threads, smem, stream>>>
+#define MSDA_LAUNCH(blocks, threads, smem, stream, ...) \
+  __VA_ARGS__<<<blocks, threads, smem, stream>>>
 #define MSDA_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard device_guard((tensor).device())
 #define MSDA_CURRENT_STREAM() c10::cuda::getCurrentCUDAStream()
 #define MSDA_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
@@ -76,7 +78,8 @@ __device__ __forceinline__ void atomic_add_pack(float* p, const float (&v)[VEC])
   if constexpr (VEC % 4 == 0) {
 #pragma unroll
     for (int j = 0; j < VEC / 4; ++j) {
-      atomicAdd(reinterpret_cast<float4*>(p) + j, make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]));
+      atomicAdd(reinterpret_cast<float4*>(p) + j,
+                make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]));
     }
     return;
   } else if constexpr (VEC % 2 == 0) {
@@ -98,8 +101,9 @@ __device__ __forceinline__ void atomic_add_pack(double* p, const double (&v)[VEC
 }
 
 // (H, W, start) of every level, staged in shared memory once per block.
-__device__ __forceinline__ void load_levels(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
-                                            int64_t L, int64_t* s_levels) {
+__device__ __forceinline__ void load_levels(const int64_t* __restrict__ shapes,
+                                            const int64_t* __restrict__ starts, int64_t L,
+                                            int64_t* s_levels) {
   for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
     s_levels[3 * i] = shapes[2 * i];
     s_levels[3 * i + 1] = shapes[2 * i + 1];
@@ -112,8 +116,8 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                         const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc,
-                        const scalar_t* __restrict__ attn, scalar_t* __restrict__ out, int64_t S, int64_t M,
-                        int64_t D, int64_t Lq, int64_t L, int64_t P, int64_t total) {
+                        const scalar_t* __restrict__ attn, scalar_t* __restrict__ out, int64_t S,
+                        int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P, int64_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ int64_t s_levels[];
   load_levels(shapes, starts, L, s_levels);
@@ -138,8 +142,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t p = 0; p < P; ++p, loc_p += 2, ++attn_p) {
         const acc_t w = static_cast<acc_t>(*attn_p);
         msda::BilinearTap<acc_t, int64_t> tap;
-        if (!msda::bilinear_tap<acc_t, int64_t>(static_cast<acc_t>(loc_p[0]), static_cast<acc_t>(loc_p[1]), w, H,
-                                                W, pos_stride, tap)) {
+        if (!msda::bilinear_tap<acc_t, int64_t>(static_cast<acc_t>(loc_p[0]),
+                                                static_cast<acc_t>(loc_p[1]), w, H, W, pos_stride,
+                                                tap)) {
           continue;
         }
 #pragma unroll
@@ -169,8 +174,8 @@ __global__ void __launch_bounds__(kThreads)
                          const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc,
                          const scalar_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
                          gv_t* __restrict__ grad_value, scalar_t* __restrict__ grad_loc,
-                         scalar_t* __restrict__ grad_attn, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L,
-                         int64_t P, int64_t rows, int gw_log2) {
+                         scalar_t* __restrict__ grad_attn, int64_t S, int64_t M, int64_t D,
+                         int64_t Lq, int64_t L, int64_t P, int64_t rows, int gw_log2) {
   using acc_t = at::opmath_type<scalar_t>;
   static_assert(std::is_same<acc_t, gv_t>::value, "grad_value accumulates in the math type");
   extern __shared__ int64_t s_levels[];
@@ -217,8 +222,8 @@ __global__ void __launch_bounds__(kThreads)
         if (active) {
           w = static_cast<acc_t>(attn_p[lp]);
           inside = msda::bilinear_tap<acc_t, int64_t>(static_cast<acc_t>(loc_p[2 * lp]),
-                                                      static_cast<acc_t>(loc_p[2 * lp + 1]), w, H, W, pos_stride,
-                                                      tap);
+                                                      static_cast<acc_t>(loc_p[2 * lp + 1]), w, H,
+                                                      W, pos_stride, tap);
         }
         if (inside) {
           for (int64_t cg = g; cg < G; cg += GW) {
@@ -242,7 +247,8 @@ __global__ void __launch_bounds__(kThreads)
             }
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-              s_attn += go[i] * (tap.w[0] * x[0][i] + tap.w[1] * x[1][i] + tap.w[2] * x[2][i] + tap.w[3] * x[3][i]);
+              s_attn += go[i] * (tap.w[0] * x[0][i] + tap.w[1] * x[1][i] + tap.w[2] * x[2][i] +
+                                 tap.w[3] * x[3][i]);
               s_w += go[i] * (tap.hh * (x[1][i] - x[0][i]) + tap.lh * (x[3][i] - x[2][i]));
               s_h += go[i] * (tap.hw * (x[2][i] - x[0][i]) + tap.lw * (x[3][i] - x[1][i]));
             }
@@ -267,7 +273,8 @@ __global__ void __launch_bounds__(kThreads)
         if (active && g == 0) {
           grad_attn[row * L * P + lp] = static_cast<scalar_t>(s_attn);
           grad_loc[(row * L * P + lp) * 2] = static_cast<scalar_t>(w * static_cast<acc_t>(W) * s_w);
-          grad_loc[(row * L * P + lp) * 2 + 1] = static_cast<scalar_t>(w * static_cast<acc_t>(H) * s_h);
+          grad_loc[(row * L * P + lp) * 2 + 1] =
+              static_cast<scalar_t>(w * static_cast<acc_t>(H) * s_h);
         }
       }
     }
@@ -286,7 +293,9 @@ int pick_vec(int max_vec, int64_t D, std::initializer_list<std::pair<const void*
     if (vec > max_vec || D % vec != 0) continue;
     bool aligned = true;
     for (const auto& pe : ptrs) {
-      aligned = aligned && reinterpret_cast<uintptr_t>(pe.first) % static_cast<uintptr_t>(vec * pe.second) == 0;
+      aligned =
+          aligned &&
+          reinterpret_cast<uintptr_t>(pe.first) % static_cast<uintptr_t>(vec * pe.second) == 0;
     }
     if (aligned) return vec;
   }
@@ -319,9 +328,11 @@ struct Prepared {
   int64_t N, S, M, D, Lq, L, P;
 };
 
-Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                 const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  ms_deform_attn_check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                 const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                 const at::Tensor& attention_weights) {
+  ms_deform_attn_check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights);
   MSDA_CHECK_CUDA_TENSOR(value);
   Prepared p;
   p.value = value.contiguous();
@@ -342,45 +353,54 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, cons
 }  // namespace
 
 at::Tensor ms_deform_attn_cuda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                       const at::Tensor& level_start_index,
+                                       const at::Tensor& sampling_locations,
                                        const at::Tensor& attention_weights) {
   MSDA_DEVICE_GUARD(value);
-  Prepared a = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  Prepared a =
+      prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   at::Tensor out = at::empty({a.N, a.Lq, a.M * a.D}, a.value.options());
   if (out.numel() == 0) return out;
   const size_t smem = static_cast<size_t>(3 * a.L) * sizeof(int64_t);
   cudaStream_t stream = MSDA_CURRENT_STREAM();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.value.scalar_type(), "ms_deform_attn_cuda_forward", [&] {
-    const int64_t es = sizeof(scalar_t);
-    const int vec = pick_vec(MaxVec<scalar_t>::value, a.D, {{a.value.data_ptr(), es}, {out.data_ptr(), es}});
-    dispatch_vec<scalar_t>(vec, [&](auto vec_c) {
-      constexpr int VEC = decltype(vec_c)::value;
-      const int64_t total = a.N * a.Lq * a.M * (a.D / VEC);
-      MSDA_LAUNCH(blocks_for(total), kThreads, smem, stream, msda_forward_kernel<scalar_t, VEC>)(
-          a.value.data_ptr<scalar_t>(), a.shapes.data_ptr<int64_t>(), a.starts.data_ptr<int64_t>(),
-          a.loc.data_ptr<scalar_t>(), a.attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.S, a.M, a.D, a.Lq,
-          a.L, a.P, total);
-      MSDA_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.value.scalar_type(), "ms_deform_attn_cuda_forward", [&] {
+        const int64_t es = sizeof(scalar_t);
+        const int vec = pick_vec(MaxVec<scalar_t>::value, a.D,
+                                 {{a.value.data_ptr(), es}, {out.data_ptr(), es}});
+        dispatch_vec<scalar_t>(vec, [&](auto vec_c) {
+          constexpr int VEC = decltype(vec_c)::value;
+          const int64_t total = a.N * a.Lq * a.M * (a.D / VEC);
+          MSDA_LAUNCH(blocks_for(total), kThreads, smem, stream, msda_forward_kernel<scalar_t, VEC>)
+          (a.value.data_ptr<scalar_t>(), a.shapes.data_ptr<int64_t>(), a.starts.data_ptr<int64_t>(),
+           a.loc.data_ptr<scalar_t>(), a.attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.S,
+           a.M, a.D, a.Lq, a.L, a.P, total);
+          MSDA_LAUNCH_CHECK();
+        });
+      });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cuda_backward(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, const at::Tensor& grad_output) {
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output) {
   MSDA_DEVICE_GUARD(value);
-  Prepared a = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.device() == value.device() && grad_output.scalar_type() == value.scalar_type(),
-              "ms_deform_attn_cuda_backward: grad_output must be on ", value.device(), " with dtype ",
-              value.scalar_type());
-  TORCH_CHECK(grad_output.numel() == a.N * a.Lq * a.M * a.D, "ms_deform_attn_cuda_backward: grad_output has ",
-              grad_output.numel(), " elements, expected ", a.N * a.Lq * a.M * a.D, " for (N, Lq, M*D)");
+  Prepared a =
+      prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(
+      grad_output.device() == value.device() && grad_output.scalar_type() == value.scalar_type(),
+      "ms_deform_attn_cuda_backward: grad_output must be on ", value.device(), " with dtype ",
+      value.scalar_type());
+  TORCH_CHECK(grad_output.numel() == a.N * a.Lq * a.M * a.D,
+              "ms_deform_attn_cuda_backward: grad_output has ", grad_output.numel(),
+              " elements, expected ", a.N * a.Lq * a.M * a.D, " for (N, Lq, M*D)");
   const at::Tensor grad_out = grad_output.contiguous();
 
   const bool reduced = a.value.scalar_type() == at::kHalf || a.value.scalar_type() == at::kBFloat16;
-  at::Tensor grad_value_acc = reduced ? at::zeros(a.value.sizes(), a.value.options().dtype(at::kFloat))
-                                      : at::zeros_like(a.value);
+  at::Tensor grad_value_acc = reduced
+                                  ? at::zeros(a.value.sizes(), a.value.options().dtype(at::kFloat))
+                                  : at::zeros_like(a.value);
   at::Tensor grad_loc = at::empty_like(a.loc);
   at::Tensor grad_attn = at::empty_like(a.attn);
   const int64_t rows = a.N * a.Lq * a.M;
@@ -394,21 +414,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cuda_backward(
         at::kHalf, at::kBFloat16, a.value.scalar_type(), "ms_deform_attn_cuda_backward", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const int64_t es = sizeof(scalar_t);
-          const int vec = pick_vec(MaxVec<scalar_t>::value, a.D,
-                                   {{a.value.data_ptr(), es},
-                                    {grad_out.data_ptr(), es},
-                                    {grad_value_acc.data_ptr(), static_cast<int64_t>(sizeof(acc_t))}});
+          const int vec =
+              pick_vec(MaxVec<scalar_t>::value, a.D,
+                       {{a.value.data_ptr(), es},
+                        {grad_out.data_ptr(), es},
+                        {grad_value_acc.data_ptr(), static_cast<int64_t>(sizeof(acc_t))}});
           dispatch_vec<scalar_t>(vec, [&](auto vec_c) {
             constexpr int VEC = decltype(vec_c)::value;
             const int64_t G = a.D / VEC;
             int gw_log2 = 0;
             while ((int64_t(1) << gw_log2) < G && gw_log2 < 5) ++gw_log2;
             const int64_t total = rows << gw_log2;
-            MSDA_LAUNCH(blocks_for(total), kThreads, smem, stream, msda_backward_kernel<scalar_t, acc_t, VEC>)(
-                a.value.data_ptr<scalar_t>(), a.shapes.data_ptr<int64_t>(), a.starts.data_ptr<int64_t>(),
-                a.loc.data_ptr<scalar_t>(), a.attn.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-                grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), a.S,
-                a.M, a.D, a.Lq, a.L, a.P, rows, gw_log2);
+            MSDA_LAUNCH(blocks_for(total), kThreads, smem, stream,
+                        msda_backward_kernel<scalar_t, acc_t, VEC>)
+            (a.value.data_ptr<scalar_t>(), a.shapes.data_ptr<int64_t>(),
+             a.starts.data_ptr<int64_t>(), a.loc.data_ptr<scalar_t>(), a.attn.data_ptr<scalar_t>(),
+             grad_out.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
+             grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), a.S, a.M, a.D, a.Lq,
+             a.L, a.P, rows, gw_log2);
             MSDA_LAUNCH_CHECK();
           });
         });

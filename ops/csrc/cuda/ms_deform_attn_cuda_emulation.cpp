@@ -114,7 +114,8 @@ struct EmulatedLaunch {
 };
 
 template <typename... KArgs>
-EmulatedLaunch<KArgs...> msda_emulated_launch(int64_t blocks, int threads, size_t /*smem*/, void (*kernel)(KArgs...)) {
+EmulatedLaunch<KArgs...> msda_emulated_launch(int64_t blocks, int threads, size_t /*smem*/,
+                                              void (*kernel)(KArgs...)) {
   return EmulatedLaunch<KArgs...>{kernel, blocks, threads};
 }
 
