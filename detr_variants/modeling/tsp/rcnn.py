@@ -328,7 +328,12 @@ class TransformerROIHeads(ROIHeads):
             return proposals, self.box_predictor.losses(
                 self.predictions(features, proposals), proposals
             )
-        return self.box_predictor.inference(self.predictions(features, proposals), proposals)[0], {}
+        results, kept = self.box_predictor.inference(
+            self.predictions(features, proposals), proposals
+        )
+        for inst, proposal_index in zip(results, kept):
+            inst.query_indices = proposal_index  # the proposal (RoI) behind each detection
+        return results, {}
 
     def predictions(
         self, features: Dict[str, Tensor], proposals: List[Instances]
