@@ -269,12 +269,15 @@ def load_tool(repo_root):
 )
 def test_visualize_attention_writes_the_pngs(name, expected, repo_root, tmp_path):
     """The tool on an untrained tiny model and a 50x70 image (resized to 64 by the overridden
-    test resize): the named PNGs, each a real drawing (not one colour)."""
+    test resize): the named PNGs, each a real drawing (not one colour); SMCA with two of its
+    heads (2 scales x prior/attention x 2 heads panels)."""
     tool = load_tool(repo_root)
     image = str(tmp_path / "img.png")
     cv2.imwrite(image, np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     config, overrides = CONFIGS[name]
     choice = ["--detections", "0", "2"] if name == "deformable" else ["--top", "1"]
+    if name == "smca_ms":
+        choice += ["--heads", "0", "5"]
     opts = [
         "train.allow_random_weights=True",
         "train.device=cpu",
@@ -291,3 +294,29 @@ def test_visualize_attention_writes_the_pngs(name, expected, repo_root, tmp_path
     for path in written:
         png = cv2.imread(path)
         assert png is not None and png.shape[0] > 100 and png.std() > 10, path
+
+
+def test_frame_maps_feature_cells_back_to_the_original_image(repo_root):
+    """A 50x70 image resized to 64x90 and padded to 64x96 (divisibility 32): strides from the
+    rounded-up level sizes (also the stride-64 level, 1x2 cells), extents in original pixels."""
+    frame = load_tool(repo_root).Frame((50, 70), (64, 90), 32)
+    assert frame.padded == (64, 96)
+    assert [frame.stride(*hw) for hw in [(8, 12), (4, 6), (2, 3), (1, 2)]] == [8, 16, 32, 64]
+    assert frame.extent(2, 3) == pytest.approx((0.0, 96 * 70 / 90, 64 * 50 / 64, 0.0))
+    assert frame.grid(6) == (2, 3)
+    with pytest.raises(ValueError, match="no feature level"):
+        frame.stride(5, 5)
+
+
+def test_bad_choices_are_refused(repo_root):
+    """A detection rank or a head that does not exist is a ValueError saying so."""
+    from detectron2.structures import Boxes, Instances
+
+    tool = load_tool(repo_root)
+    inst = Instances((10, 10), scores=torch.tensor([0.2, 0.9]), query_indices=torch.tensor([4, 7]))
+    inst.pred_boxes, inst.pred_classes = Boxes(torch.zeros(2, 4)), torch.tensor([1, 0])
+    assert [d["query"] for d in tool.chosen_detections(inst, top=5)] == [7, 4]  # by score
+    with pytest.raises(ValueError, match=r"detections \[2\] do not exist: the model made 2"):
+        tool.chosen_detections(inst, top=1, indices=[0, 2])
+    with pytest.raises(ValueError, match=r"heads \[8\] do not exist: the layer has 8"):
+        tool._heads([0, 8], 8)

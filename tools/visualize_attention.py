@@ -7,10 +7,12 @@
         --opts train.init_checkpoint=output/deformable_detr_r18_synthetic/model_final.pth
 
 Per chosen detection (``--top K`` best, or ``--detections i j ...`` by score rank), from the
-decoder layer ``--layer`` (default the last), one PNG ``<image>_<kind>_det<rank>.png``:
+decoder layer ``--layer`` (default the last; ``--heads`` picks heads), one PNG
+``<image>_<kind>_det<rank>.png``:
 
 * Deformable DETR (``deformable``): the cross-attention's sampling points of the detection's query,
-  one panel per feature level, coloured by attention weight (all heads), with the reference point;
+  one panel per feature level, coloured by attention weight (every head in one panel), with the
+  reference point;
 * Conditional DETR (``conditional``): per head, the spatial (p_qᵀp_k), the content (c_qᵀc_k) and the
   combined attention map of the cross-attention (the paper's Figure 1);
 * SMCA (``smca``): per head (and per scale in multi-scale SMCA) the Gaussian prior G and the
@@ -27,7 +29,7 @@ import logging
 import math
 import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -61,6 +63,9 @@ def parse_args(argv=None):
         "--detections", type=int, nargs="+", help="draw these detections (0: the best)"
     )
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer (-1: the last)")
+    parser.add_argument(
+        "--heads", type=int, nargs="+", help="draw these attention heads (default: all)"
+    )
     parser.add_argument("--opts", nargs="*", default=[], help="config overrides, key=value")
     return parser.parse_args(argv)
 
@@ -131,6 +136,15 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _heads(requested: Optional[Sequence[int]], total: int) -> List[int]:
+    """The heads to draw (all without ``--heads``), or a ValueError naming the bad ones."""
+    heads = list(range(total)) if requested is None else list(requested)
+    bad = [h for h in heads if not 0 <= h < total]
+    if bad:
+        raise ValueError(f"heads {bad} do not exist: the layer has {total}")
+    return heads
+
+
 def _masked_softmax(logits: torch.Tensor, padding) -> torch.Tensor:
     if padding is not None:
         logits = logits.masked_fill(padding, float("-inf"))
@@ -138,10 +152,11 @@ def _masked_softmax(logits: torch.Tensor, padding) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- one per variant
-def draw_deformable(image, det: Dict, rec: Dict, frame: Frame, path: str) -> str:
+def draw_deformable(image, det: Dict, rec: Dict, frame: Frame, path: str, heads=None) -> str:
     """Sampling points of the query's cross-attention per level, coloured by attention weight."""
-    q = det["query"]
-    locations, weights = rec["locations"][0, q].cpu(), rec["weights"][0, q].cpu()  # (M, L, P, ·)
+    q, heads = det["query"], _heads(heads, rec["weights"].shape[2])
+    locations = rec["locations"][0, q, heads].cpu()  # (M, L, P, 2)
+    weights = rec["weights"][0, q, heads].cpu()  # (M, L, P)
     reference = rec["reference_points"][0, q].cpu()  # (L, 2 or 4)
     shapes = rec["spatial_shapes"].tolist()
     fig, axes = _grid_figure(1, len(shapes))
@@ -158,40 +173,40 @@ def draw_deformable(image, det: Dict, rec: Dict, frame: Frame, path: str) -> str
     return _save(fig, path)
 
 
-def draw_conditional(image, det: Dict, rec: Dict, frame: Frame, path: str) -> str:
+def draw_conditional(image, det: Dict, rec: Dict, frame: Frame, path: str, heads=None) -> str:
     """Per head: spatial, content and combined cross-attention maps (paper Figure 1)."""
     q = det["query"]
     padding = None if rec["padding"] is None else rec["padding"][0]
-    heads = rec["weights"].shape[1]
+    heads = _heads(heads, rec["weights"].shape[1])
     h, w = frame.grid(rec["weights"].shape[-1])
     rows = {
         "spatial": _masked_softmax(rec["spatial"][0, :, q], padding),
         "content": _masked_softmax(rec["content"][0, :, q], padding),
         "combined": rec["weights"][0, :, q],
     }
-    fig, axes = _grid_figure(len(rows), heads)
+    fig, axes = _grid_figure(len(rows), len(heads))
     for r, (name, maps) in enumerate(rows.items()):
-        for head in range(heads):
+        for col, head in enumerate(heads):
             values = maps[head].view(h, w).cpu().numpy()
-            _heatmap(axes[r, head], image, values, frame.extent(h, w), det["box"],
+            _heatmap(axes[r, col], image, values, frame.extent(h, w), det["box"],
                      f"{name}, head {head}")  # fmt: skip
     fig.suptitle(f"{det['label']}: cross-attention maps", fontsize=9)
     return _save(fig, path)
 
 
-def draw_smca(image, det: Dict, rec: Dict, frame: Frame, path: str) -> str:
+def draw_smca(image, det: Dict, rec: Dict, frame: Frame, path: str, heads=None) -> str:
     """Per head and scale: the Gaussian prior G and the modulated co-attention."""
     q = det["query"]
     shapes = [(int(h), int(w)) for h, w in rec["spatial_shapes"]]
-    heads = rec["priors"][0].shape[1]
-    fig, axes = _grid_figure(2 * len(shapes), heads)
+    heads = _heads(heads, rec["priors"][0].shape[1])
+    fig, axes = _grid_figure(2 * len(shapes), len(heads))
     for lvl, (h, w) in enumerate(shapes):
         prior = rec["priors"][lvl][0, :, q].exp()
         attention = rec["weights"][lvl][0, :, q]
         for r, (name, maps) in enumerate((("prior G", prior), ("modulated attention", attention))):
-            for head in range(heads):
+            for col, head in enumerate(heads):
                 values = maps[head].view(h, w).cpu().numpy()
-                _heatmap(axes[2 * lvl + r, head], image, values, frame.extent(h, w), det["box"],
+                _heatmap(axes[2 * lvl + r, col], image, values, frame.extent(h, w), det["box"],
                          f"{name}, scale {lvl}, head {head}")  # fmt: skip
     fig.suptitle(f"{det['label']}: Gaussian priors and modulated co-attention", fontsize=9)
     return _save(fig, path)
@@ -313,7 +328,12 @@ def main(argv=None) -> List[str]:
     else:
         written = [
             DRAW[kind](
-                rgb, det, recorded, frame, f"{args.output}/{stem}_{kind}_det{det['rank']}.png"
+                rgb,
+                det,
+                recorded,
+                frame,
+                f"{args.output}/{stem}_{kind}_det{det['rank']}.png",
+                heads=args.heads,
             )
             for det in dets
         ]
