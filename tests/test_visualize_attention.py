@@ -198,10 +198,15 @@ def test_gaussian_log_prior_matches_the_recorded_prior_helper():
     torch.testing.assert_close(prior, torch.tensor(expected))
 
 
-def test_recording_a_model_without_those_layers_is_refused():
+def test_recording_a_model_without_those_layers_or_a_missing_layer_is_refused():
     with pytest.raises(ValueError, match="no Deformable, Conditional or SMCA decoder layer"):
         with record_attention(build("detr")):
             pass
+    model = build("conditional")
+    with pytest.raises(ValueError, match=r"decoder layers \[2\] asked for; the model has 2"):
+        with record_attention(model, layers=[2]):
+            pass
+    assert no_hooks_left(model)
 
 
 # ---------------------------------------------------------------------------- query indices

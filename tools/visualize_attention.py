@@ -129,6 +129,12 @@ def _grid_figure(rows: int, cols: int):
     return fig, axes
 
 
+def _single_figure(image):
+    """One panel, 6 inches wide, for the drawings over the whole image."""
+    fig, axes = plt.subplots(1, 1, figsize=(6, 6 * image.shape[0] / image.shape[1] + 0.4))
+    return fig, axes
+
+
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -214,8 +220,7 @@ def draw_smca(image, det: Dict, rec: Dict, frame: Frame, path: str, heads=None) 
 
 def draw_fois(image, dets: List[Dict], fois: Dict, frame: Frame, path: str) -> str:
     """Every selected feature of interest (by level) and those behind the detections."""
-    fig, axes = _grid_figure(1, 1)
-    ax = axes[0, 0]
+    fig, ax = _single_figure(image)
     _panel(ax, image, None, "features of interest (dots, by level); x: behind a detection")
     xy = (fois["xy"].cpu() * torch.tensor([frame.sx, frame.sy])).numpy()
     ax.scatter(*xy.T, c=fois["levels"].cpu().numpy(), cmap="viridis", s=4, alpha=0.6)
@@ -228,8 +233,7 @@ def draw_fois(image, dets: List[Dict], fois: Dict, frame: Frame, path: str) -> s
 
 def draw_proposals(image, dets: List[Dict], proposals: torch.Tensor, frame: Frame, path) -> str:
     """The proposals the encoder attends over, and those behind the detections."""
-    fig, axes = _grid_figure(1, 1)
-    ax = axes[0, 0]
+    fig, ax = _single_figure(image)
     _panel(ax, image, None, "proposals (grey); red: behind a detection (green)")
     boxes = (proposals.cpu() * torch.tensor([frame.sx, frame.sy] * 2)).numpy()
     for x0, y0, x1, y1 in boxes:
@@ -318,6 +322,8 @@ def main(argv=None) -> List[str]:
         divisibility = model.backbone.size_divisibility
     frame = Frame(bgr.shape[:2], resized, divisibility)
     dets = chosen_detections(instances, args.top, args.detections)
+    if not dets:
+        logger.warning(f"{args.input}: no detections to draw")
     os.makedirs(args.output, exist_ok=True)
     stem, rgb = os.path.splitext(os.path.basename(args.input))[0], bgr[:, :, ::-1]
     if kind == "fois":

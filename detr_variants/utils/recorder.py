@@ -148,6 +148,8 @@ def record_attention(
     decoder_layers = _decoder_layers(model)
     record = AttentionRecord(_KINDS[type(decoder_layers[0])])
     n = len(decoder_layers)
+    if layers is not None and any(not -n <= i < n for i in layers):
+        raise ValueError(f"decoder layers {list(layers)} asked for; the model has {n}")
     wanted = range(n) if layers is None else sorted({i % n for i in layers})
     handles = []
     try:

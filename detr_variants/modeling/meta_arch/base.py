@@ -155,7 +155,7 @@ class SetPredictionDetector(nn.Module):
             boxes = boxes.gather(1, queries.unsqueeze(-1).expand(-1, -1, 4))
         else:
             scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-            queries = torch.arange(logits.shape[1], device=logits.device).expand_as(labels)
+            queries = torch.arange(logits.shape[1], device=logits.device).repeat(len(labels), 1)
         results = []
         for s, l, bx, qi, (h, w) in zip(scores, labels, boxes, queries, image_sizes):
             inst = Instances((h, w))
