@@ -125,7 +125,8 @@ def _heatmap(ax, image, values, extent, box, title):
 
 
 def _grid_figure(rows: int, cols: int):
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
+    width = max(2.2 * cols, 6.0)  # room for the title
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 2.2 * rows), squeeze=False)
     return fig, axes
 
 
@@ -223,11 +224,12 @@ def draw_fois(image, dets: List[Dict], fois: Dict, frame: Frame, path: str) -> s
     fig, ax = _single_figure(image)
     _panel(ax, image, None, "features of interest (dots, by level); x: behind a detection")
     xy = (fois["xy"].cpu() * torch.tensor([frame.sx, frame.sy])).numpy()
-    ax.scatter(*xy.T, c=fois["levels"].cpu().numpy(), cmap="viridis", s=4, alpha=0.6)
+    levels = fois["levels"].cpu().numpy()
+    ax.scatter(*xy.T, c=levels, cmap="viridis", s=10, edgecolors="white", linewidths=0.4)
     for det in dets:
         x0, y0, x1, y1 = det["box"]
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
-        ax.scatter(*xy[det["query"]], marker="x", c="red", s=60)
+        ax.scatter(*xy[det["query"]], marker="x", c="red", s=120, linewidths=2.5)
     return _save(fig, path)
 
 
