@@ -253,6 +253,36 @@ def test_query_index_reproduces_each_detections_score_and_box(name):
             torch.testing.assert_close(box, want_box, atol=1e-4, rtol=0)
 
 
+def test_tsp_rcnn_proposal_index_skips_the_rows_with_non_finite_predictions():
+    """detectron2's fast_rcnn_inference drops RoIs with a NaN score before numbering what it
+    keeps; the proposal index still reproduces each detection's score (1e-5), with RoI 0 of
+    each image made NaN."""
+    model, inputs = build("tsp_rcnn"), batch()
+    counts = {}
+
+    def nan_first_rois(module, args, out):  # the first RoI of each image gets NaN logits
+        first = torch.tensor([0] + counts["rois"][:-1]).cumsum(0)
+        return out[0].index_fill(0, first, float("nan")), out[1]
+
+    hooks = [
+        model.roi_heads.box_pooler.register_forward_hook(
+            lambda m, args, out: counts.update(rois=[len(b) for b in args[1]])
+        ),
+        model.roi_heads.box_predictor.register_forward_hook(nan_first_rois),
+    ]
+    results = predictions(model, inputs)
+    with torch.no_grad():
+        images = model.preprocess_image(inputs)
+        outputs = model.compute_outputs(images)
+    for handle in hooks:
+        handle.remove()
+    for i, inst in enumerate(results):
+        assert len(inst) > 0 and not (inst.query_indices == 0).any()
+        for query, label, score in zip(inst.query_indices, inst.pred_classes, inst.scores):
+            want = outputs["pred_logits"][i, query].softmax(-1)[label]
+            torch.testing.assert_close(score, want, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------- the tool
 def load_tool(repo_root):
     path = os.path.join(repo_root, "tools", "visualize_attention.py")
