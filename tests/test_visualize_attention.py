@@ -27,6 +27,15 @@ LAYERS = ["model.encoder.num_layers=1", "model.decoder.num_layers=2"]
 CONFIGS = {
     "detr": ("detr/detr_r18_synthetic", LAYERS),
     "deformable": ("deformable_detr/deformable_detr_r18_synthetic", LAYERS),
+    "deformable_refine": (
+        "deformable_detr/deformable_detr_refine_r50_50ep",
+        [
+            *LAYERS,
+            "model.backbone.depth=18",
+            "model.backbone.norm=BN",
+            "model.backbone.freeze_at=0",
+        ],
+    ),
     "conditional": ("conditional_detr/conditional_detr_r18_synthetic", LAYERS),
     "smca": ("smca_detr/smca_r18_synthetic", LAYERS),
     "smca_ms": ("smca_detr/smca_ms_r18_synthetic", LAYERS[1:]),
@@ -78,11 +87,13 @@ def assert_same_predictions(a, b):
 
 
 # ---------------------------------------------------------------------------- the recorder
-def test_deformable_sampling_locations_and_weights_follow_eq3():
-    """Locations = reference + offsets / (W_l, H_l) and weights = softmax over levels x points
-    of the query's projections (paper eq. 3), for the recorded (last) layer only; to 1e-5
-    (the layer folds the 1/(W_l, H_l) into the projection rows)."""
-    model, inputs = build("deformable"), batch()
+@pytest.mark.parametrize("name", ["deformable", "deformable_refine"])
+def test_deformable_sampling_locations_and_weights_follow_eq3(name):
+    """Locations = reference + offsets / (W_l, H_l) for point references, reference centre +
+    offsets · (w, h) / 2P for the box references of box refinement (official ``MSDeformAttn``),
+    and weights = softmax over levels x points of the query's projections (paper eq. 3), for the
+    recorded (last) layer only; to 1e-5 (the layer folds the 1/(W_l, H_l) into the rows)."""
+    model, inputs = build(name), batch()
     reference = predictions(model, inputs)
     attention, seen = model.decoder.layers[-1].cross_attn, {}
     handle = call_arguments(attention, seen)
@@ -103,8 +114,12 @@ def test_deformable_sampling_locations_and_weights_follow_eq3():
     with torch.no_grad():
         offsets = attention.sampling_offsets(seen["query"]).view(n, q, m, lv, p, 2)
         weights = attention.attention_weights(seen["query"]).view(n, q, m, lv * p).softmax(-1)
-    size = seen["input_spatial_shapes"].flip(-1).float()  # (L, 2) as (W, H)
-    expected = seen["reference_points"][:, :, None, :, None, :] + offsets / size[:, None, :]
+    ref = seen["reference_points"][:, :, None, :, None, :]
+    assert ref.shape[-1] == (4 if name == "deformable_refine" else 2)
+    if ref.shape[-1] == 2:
+        expected = ref + offsets / seen["input_spatial_shapes"].flip(-1).float()[:, None, :]
+    else:
+        expected = ref[..., :2] + offsets * ref[..., 2:] * 0.5 / p
     torch.testing.assert_close(rec["locations"], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(rec["weights"], weights.view(n, q, m, lv, p), atol=1e-6, rtol=0)
     assert torch.equal(rec["spatial_shapes"], seen["input_spatial_shapes"])
