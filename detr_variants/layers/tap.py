@@ -12,7 +12,7 @@ __all__ = ["Tap"]
 
 
 class Tap(nn.Module):
-    """Identity-like module whose forward hooks see ``**values`` (it returns None)."""
+    """An empty module: its forward hooks see the ``**values`` it is called with; returns None."""
 
     def forward(self, **values) -> None:
         return None

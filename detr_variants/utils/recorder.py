@@ -8,18 +8,18 @@ the very tensors the layer uses.
 What one decoder layer's record holds (B images, Q queries, H heads, S memory tokens):
 
 * Deformable DETR (``MultiScaleDeformableAttention``, paper eq. 3): ``spatial_shapes`` (L, 2),
-  ``reference_points``
-  (B, Q, L, 2 or 4), ``locations`` (B, Q, H, L, P, 2) normalised (x, y) on the padded level maps,
-  ``weights`` (B, Q, H, L, P), the softmax over levels x points of the paper's A_mlqk.
+  ``reference_points`` (B, Q, L, 2 or 4), ``locations`` (B, Q, H, L, P, 2) normalised (x, y) on
+  the padded level maps, ``weights`` (B, Q, H, L, P), the softmax over levels x points (A_mlqk).
 * Conditional DETR (``PreprojectedAttention``, paper Sec. 3.3 and Figure 1): ``content`` and
   ``spatial`` logits (B, H, Q, S), ``c_qᵀc_k`` and ``p_qᵀp_k`` scaled as the layer scales them,
-  and ``weights`` (B, H, Q, S) = softmax(content + spatial) over the unpadded tokens.
+  ``weights`` (B, H, Q, S) = softmax(content + spatial) over the unpadded tokens, and ``padding``
+  (B, S), True at padding (or None).
 * SMCA (``SpatialModulation`` and ``GaussianModulatedAttention``, paper eq. 4-9): ``priors``, per
   level (B, H, Q, h_l·w_l), ``log G``; ``weights``, per level, the modulated attention
   ``softmax(q·kᵀ/√d + log G)`` (a softmax per level with scale selection, one over all levels
   without); ``level_weights`` (B, Q, L) the scale-selection weights, or None; ``spatial_shapes``.
 
-Every layer also carries ``value`` (B, H, S, ·) for the dense variants, so that
+The dense variants' records also hold the heads' ``value`` (B, H, S, ·), so that
 ``weights @ value`` reproduces the layer (the tests check it).
 """
 
