@@ -538,6 +538,7 @@ def test_module_init():
         "attention_weights",
         "value_proj",
         "output_proj",
+        "tap",  # the recorder's hook point: no parameters, no state
     ]
     assert (
         mod.sampling_offsets.out_features == M * L * P * 2

@@ -17,6 +17,7 @@ from .attention import scaled_dot_product_attention
 from .dropout import dropout_add
 from .mlp import MLP
 from .position_encoding import sine_embed_coordinates
+from .tap import Tap
 from .transformer import FeedForward, clone_layers
 
 
@@ -59,6 +60,7 @@ class PreprojectedAttention(nn.Module):
         self.dropout = dropout
         self.out_proj = nn.Linear(value_dim, value_dim)
         nn.init.zeros_(self.out_proj.bias)
+        self.tap = Tap()  # hook point for recording (see Tap)
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None
@@ -71,6 +73,7 @@ class PreprojectedAttention(nn.Module):
             for x in (query, key, value)
         )
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        self.tap(q=q, k=k, v=v, attn_mask=mask)
         out = scaled_dot_product_attention(
             q,
             k,

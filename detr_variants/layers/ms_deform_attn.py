@@ -26,6 +26,8 @@ from torch.autograd.function import Function, once_differentiable
 from detr_variants._native import _C, graph_capture
 from detr_variants._native import IMPORT_ERROR as _C_IMPORT_ERROR
 
+from .tap import Tap
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -244,6 +246,7 @@ class MultiScaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.tap = Tap()  # hook point for recording (see Tap)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -339,6 +342,12 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(
                 f"reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape {tuple(reference_points.shape)}"
             )
+        self.tap(
+            reference_points=reference_points,
+            spatial_shapes=input_spatial_shapes,
+            locations=locations,
+            weights=weights,
+        )
         out = ms_deform_attn(
             value, input_spatial_shapes, input_level_start_index, locations, weights
         )

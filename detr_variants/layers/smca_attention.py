@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .attention import MultiheadAttention, scaled_dot_product_attention
 from .dropout import dropout_add
 from .mlp import MLP
+from .tap import Tap
 from .transformer import FeedForward, clone_layers
 
 SCALE_TYPES = {"fixed": 0, "single": 1, "independent": 2}
@@ -188,6 +189,7 @@ class GaussianModulatedAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+        self.tap = Tap()  # hook point for recording (see Tap)
 
     def _heads(self, x: Tensor, index: int) -> Tensor:
         e = self.embed_dim
@@ -243,6 +245,7 @@ class GaussianModulatedAttention(nn.Module):
             elif bias is not None:
                 bias = ~bias  # boolean attn_mask: True = attend
             biases.append(bias)
+        self.tap(q=q, k=k, v=v, biases=biases, lengths=lengths, level_weights=level_weights)
         dropout = self.dropout if self.training else 0.0
         if level_weights is None:
             if len(lengths) > 1:

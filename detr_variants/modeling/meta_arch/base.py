@@ -146,21 +146,24 @@ class SetPredictionDetector(nn.Module):
     def inference(
         self, logits: Tensor, boxes: Tensor, image_sizes: List[Tuple[int, int]]
     ) -> List[Instances]:
-        """Scores and absolute xyxy boxes in the (resized) input image frame."""
+        """Scores and absolute xyxy boxes in the (resized) input image frame, and
+        ``query_indices``: the decoder query behind each detection."""
         if self.class_score == "sigmoid":
             b, q, c = logits.shape
             scores, index = logits.sigmoid().flatten(1).topk(min(self.test_topk, q * c), dim=1)
-            labels = index % c
-            boxes = boxes.gather(1, (index // c).unsqueeze(-1).expand(-1, -1, 4))
+            labels, queries = index % c, index // c
+            boxes = boxes.gather(1, queries.unsqueeze(-1).expand(-1, -1, 4))
         else:
             scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+            queries = torch.arange(logits.shape[1], device=logits.device).repeat(len(labels), 1)
         results = []
-        for s, l, bx, (h, w) in zip(scores, labels, boxes, image_sizes):
+        for s, l, bx, qi, (h, w) in zip(scores, labels, boxes, queries, image_sizes):
             inst = Instances((h, w))
             xyxy = box_cxcywh_to_xyxy(bx.float()) * bx.new_tensor([w, h, w, h], dtype=torch.float32)
             inst.pred_boxes = Boxes(xyxy)
             inst.scores = s.float()
             inst.pred_classes = l
+            inst.query_indices = qi
             results.append(inst)
         return results
 

@@ -558,13 +558,14 @@ class TSPFCOS(SetPredictionDetector):
         self, outputs: Dict[str, Tensor], image_sizes: List[Tuple[int, int]]
     ) -> List[Instances]:
         """As released: per level the top ``test_topk_per_level`` (FoI, class) pairs above
-        ``test_score_thresh``, score √p (no centerness), class-wise NMS, top ``test_topk``."""
+        ``test_score_thresh``, score √p (no centerness), class-wise NMS, top ``test_topk``.
+        ``query_indices`` holds each detection's FoI (its column in ``outputs["selected"]``)."""
         probs = outputs["pred_logits"].sigmoid()
         results = []
         for prob, boxes, levels, valid, size in zip(
             probs, outputs["pred_boxes"], outputs["levels"], outputs["valid"], image_sizes
         ):
-            keep_scores, keep_boxes, keep_classes = [], [], []
+            keep_scores, keep_boxes, keep_classes, keep_fois = [], [], [], []
             for level in range(len(self.in_features)):
                 idx = torch.nonzero((levels == level) & valid).squeeze(1)
                 p = prob[idx].flatten()
@@ -572,12 +573,14 @@ class TSPFCOS(SetPredictionDetector):
                 top = p[cand].topk(min(self.test_topk_per_level, cand.numel())).indices
                 flat = cand[top]
                 keep_scores.append(p[flat].sqrt())
-                keep_boxes.append(boxes[idx[flat // prob.shape[1]]])
+                keep_fois.append(idx[flat // prob.shape[1]])
+                keep_boxes.append(boxes[keep_fois[-1]])
                 keep_classes.append(flat % prob.shape[1])
-            scores, boxes, classes = (
+            scores, boxes, classes, fois = (
                 torch.cat(keep_scores),
                 torch.cat(keep_boxes),
                 torch.cat(keep_classes),
+                torch.cat(keep_fois),
             )
             if self.test_nms_thresh is not None:
                 keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[: self.test_topk]
@@ -587,5 +590,6 @@ class TSPFCOS(SetPredictionDetector):
             inst.pred_boxes = Boxes(boxes[keep].float())
             inst.scores = scores[keep].float()
             inst.pred_classes = classes[keep]
+            inst.query_indices = fois[keep]  # the FoI (column of ``selected``) behind each
             results.append(inst)
         return results

@@ -328,7 +328,27 @@ class TransformerROIHeads(ROIHeads):
             return proposals, self.box_predictor.losses(
                 self.predictions(features, proposals), proposals
             )
-        return self.box_predictor.inference(self.predictions(features, proposals), proposals)[0], {}
+        predictions = self.predictions(features, proposals)
+        results, kept = self.box_predictor.inference(predictions, proposals)
+        for inst, proposal_index in zip(
+            results, self.proposal_indices(predictions, proposals, kept)
+        ):
+            inst.query_indices = proposal_index  # the proposal (RoI) behind each detection
+        return results, {}
+
+    def proposal_indices(
+        self, predictions: Tuple[Tensor, Tensor], proposals: List[Instances], kept: List[Tensor]
+    ) -> List[Tensor]:
+        """``fast_rcnn_inference``'s kept indices as indices into each image's proposals: it
+        numbers the rows left after dropping those with a non-finite box or score."""
+        if all(torch.isfinite(p).all() for p in predictions):
+            return kept
+        boxes = self.box_predictor.predict_boxes(predictions, proposals)
+        scores = self.box_predictor.predict_probs(predictions, proposals)
+        return [
+            torch.nonzero(torch.isfinite(b).all(1) & torch.isfinite(s).all(1)).squeeze(1)[k]
+            for b, s, k in zip(boxes, scores, kept)
+        ]
 
     def predictions(
         self, features: Dict[str, Tensor], proposals: List[Instances]
