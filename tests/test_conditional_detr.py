@@ -70,7 +70,7 @@ def test_registered_heads_and_init(model):
     from detectron2.modeling import META_ARCH_REGISTRY
 
     assert META_ARCH_REGISTRY.get("ConditionalDETR") is ConditionalDETR
-    assert model.class_score == "sigmoid" and model.test_topk == 100
+    assert model.classification == "sigmoid" and model.test_topk == 100
     assert model.class_embed.out_features == model.num_classes  # sigmoid: no no-object class
     assert torch.allclose(
         model.class_embed.bias, torch.full_like(model.class_embed.bias, -math.log(99))
@@ -85,9 +85,7 @@ def test_registered_heads_and_init(model):
     assert all(layer.ca_qpos_proj is None for layer in layers[1:])
     assert not any("layers.1.ca_qpos_proj" in k for k in model.state_dict())
     assert model.decoder.ref_point_head.layers[-1].out_features == 2
-    assert (
-        model.criterion.matcher.class_cost_type == "focal" and model.criterion.class_loss == "focal"
-    )
+    assert model.criterion.matcher.classification == model.criterion.classification == "sigmoid"
 
 
 @pytest.mark.parametrize("name", COCO_CONFIGS)
@@ -345,7 +343,7 @@ def ours_like_hf(num_classes=LABELS):
         num_classes=num_classes,
         criterion=SetCriterion(
             num_classes=num_classes,
-            matcher=HungarianMatcher(class_cost_type="focal"),
+            matcher=HungarianMatcher(classification="sigmoid"),
             weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
         ),
         pixel_mean=[0.0, 0.0, 0.0],

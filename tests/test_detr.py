@@ -104,3 +104,28 @@ def test_gt_class_outside_the_model_range_is_an_error(model):
     model.train()
     with pytest.raises(ValueError, match="num_classes"):
         model([image_input(64, 64, [[1, 1, 30, 30]], [model.num_classes])])
+
+
+@pytest.mark.parametrize(
+    "config, value",
+    [("detr/detr_r50_500ep", "sigmoid"), ("deformable_detr/deformable_detr_r50_50ep", "softmax")],
+)
+def test_one_classification_override_switches_head_loss_and_matching(config, value):
+    from detr_variants.engine.train_loop import apply_overrides
+
+    cfg = apply_overrides(get_config(config), [f"model.classification={value}"])
+    assert cfg.model.criterion.classification == value
+    assert cfg.model.criterion.matcher.classification == value
+
+
+def test_sigmoid_detr_has_one_logit_per_class_and_a_variant_rejects_what_it_lacks():
+    cfg = get_config("detr/detr_r18_synthetic")
+    cfg.model.update(classification="sigmoid", num_queries=4)
+    cfg.model.encoder.num_layers = cfg.model.decoder.num_layers = 1
+    model = instantiate(cfg.model)
+    assert model.class_embed.out_features == model.num_classes  # no no-object column
+    assert model.criterion.classification == model.criterion.matcher.classification == "sigmoid"
+    cfg = get_config("conditional_detr/conditional_detr_r18_synthetic")
+    cfg.model.classification = "softmax"
+    with pytest.raises(ValueError, match="classification must be one of \\['sigmoid'\\]"):
+        instantiate(cfg.model)

@@ -300,7 +300,7 @@ def test_registered_heads_and_init(single, multi):
     assert META_ARCH_REGISTRY.get("SMCADETR") is SMCADETR
     assert META_ARCH_REGISTRY.get("MultiScaleSMCADETR") is MultiScaleSMCADETR
     for model in (single, multi):
-        assert model.class_score == "sigmoid" and model.test_topk == 100
+        assert model.classification == "sigmoid" and model.test_topk == 100
         assert model.class_embed.out_features == model.num_classes  # no 92-way head
         assert torch.allclose(
             model.class_embed.bias, torch.full_like(model.class_embed.bias, -math.log(99))
@@ -456,9 +456,10 @@ def test_coco_configs_follow_the_recipe(name):
         "loss_giou": 2.0,
     }
     matcher = cfg.model.criterion.matcher
-    costs = (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou, matcher.class_cost_type)
-    assert costs == (2.0, 5.0, 2.0, "focal")
-    assert cfg.model.criterion.class_loss == "focal"
+    costs = (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou, matcher.classification)
+    assert costs == (2.0, 5.0, 2.0, "sigmoid")
+    assert cfg.model.criterion.classification == "sigmoid"
+    assert cfg.model.classification == "sigmoid"
     assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 1e-4
     assert cfg.optimizer.params.lr_multipliers == {"backbone": 0.1}
     assert cfg.train.epochs == epochs and cfg.train.clip_grad.max_norm == 0.1

@@ -25,8 +25,10 @@ class ConditionalDETR(DETR):
         **kwargs: :class:`DETR` arguments.
     """
 
+    classifications = ("sigmoid",)
+
     def __init__(self, *, num_queries: int = 300, **kwargs):
-        super().__init__(num_queries=num_queries, class_score="sigmoid", **kwargs)
+        super().__init__(num_queries=num_queries, **kwargs)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 

@@ -55,6 +55,8 @@ class DeformableDETR(SetPredictionDetector):
             (every encoder-output label is 0). Its box head is ``bbox_embed[L]``, as official.
     """
 
+    classifications = ("sigmoid",)
+
     def __init__(
         self,
         *,
@@ -70,7 +72,7 @@ class DeformableDETR(SetPredictionDetector):
         aux_loss: bool = True,
         **kwargs,
     ):
-        super().__init__(class_score="sigmoid", **kwargs)
+        super().__init__(**kwargs)
         if num_feature_levels < len(in_features):
             raise ValueError("num_feature_levels must be at least len(in_features)")
         self.in_features = list(in_features)

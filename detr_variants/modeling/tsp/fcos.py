@@ -350,6 +350,8 @@ class TSPFCOS(SetPredictionDetector):
         **kwargs: :class:`SetPredictionDetector` arguments (``test_topk`` = detections kept).
     """
 
+    classifications = ("sigmoid",)
+
     def __init__(
         self,
         *,
@@ -375,7 +377,6 @@ class TSPFCOS(SetPredictionDetector):
         super().__init__(
             backbone=backbone,
             criterion=criterion,
-            class_score="sigmoid",
             size_divisibility=size_divisibility,
             **kwargs,
         )

@@ -53,6 +53,7 @@ model = L(DeformableDETR)(
     with_box_refine=False,
     two_stage=False,
     num_classes=80,
+    classification="sigmoid",
     criterion=_focal_criterion,
     test_topk=100,
     pixel_mean=[123.675, 116.280, 103.530],

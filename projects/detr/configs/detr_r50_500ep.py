@@ -33,13 +33,14 @@ model = L(DETR)(
     num_queries=100,
     hidden_dim=256,
     num_classes=80,
+    classification="softmax",  # the head, the loss and the matching cost
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",
         matcher=L(HungarianMatcher)(
-            cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="softmax"
+            cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, classification="${..classification}"
         ),
         weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
-        class_loss="ce",
+        classification="${..classification}",
         eos_coef=0.1,
     ),
     # torchvision's ImageNet statistics, RGB

@@ -43,6 +43,7 @@ model = L(MultiScaleSMCADETR)(
     num_queries=300,
     hidden_dim=256,
     num_classes=80,
+    classification="sigmoid",
     test_topk=100,
     criterion=_single.criterion,
     pixel_mean=_single.pixel_mean,

@@ -36,6 +36,7 @@ model = L(SMCADETR)(
     num_queries=300,
     hidden_dim=256,
     num_classes=80,
+    classification="sigmoid",
     test_topk=100,
     criterion=_focal_criterion,
     pixel_mean=_detr.pixel_mean,
