@@ -18,7 +18,7 @@ def image_input(h, w, boxes=(), classes=(), seed=0, with_instances=True):
 
 def tiny_config(cfg):
     """Shrinks an experiment config's transformer so a CPU step takes well under a second."""
-    from detr_variants.engine.train_loop import apply_overrides
+    from detr_variants.engine.lazy_train import apply_overrides
 
     return apply_overrides(
         cfg, ["model.backbone.depth=18", "model.backbone.norm=BN", "model.backbone.freeze_at=0"]
@@ -52,7 +52,7 @@ def train_and_evaluate_tiny(cfg, output_dir):
     """Two iterations through the engine, then COCO evaluation; checks both really happened."""
     import os
 
-    from detr_variants.engine.train_loop import train
+    from detr_variants.engine.lazy_train import train
 
     cfg.train.update(max_iter=2, eval_period=0)
     cfg.dataloader.evaluator.output_dir = os.path.join(str(output_dir), "inference")

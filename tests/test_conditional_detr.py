@@ -164,7 +164,7 @@ def test_eval_returns_top100_instances_in_original_coordinates(model):
 
 def test_synthetic_config_trains_and_evaluates_through_the_engine(tiny_shapes, tmp_path):
     """Two CPU iterations of the synthetic recipe on the tiny dataset, then COCO evaluation."""
-    from detr_variants.engine.train_loop import apply_overrides
+    from detr_variants.engine.lazy_train import apply_overrides
 
     cfg = apply_overrides(
         get_config(SYNTHETIC),

@@ -5,7 +5,7 @@ from detectron2.config import instantiate
 from detectron2.structures import ImageList
 
 from detr_variants.checkpoint import COCO_THING_IDS, convert_checkpoint
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.model_zoo import get_config
 from helpers import distinct_class_heads, image_input, to_official_detr_names
 

@@ -111,7 +111,7 @@ def test_gt_class_outside_the_model_range_is_an_error(model):
     [("detr/detr_r50_500ep", "sigmoid"), ("deformable_detr/deformable_detr_r50_50ep", "softmax")],
 )
 def test_one_classification_override_switches_head_loss_and_matching(config, value):
-    from detr_variants.engine.train_loop import apply_overrides
+    from detr_variants.engine.lazy_train import apply_overrides
 
     cfg = apply_overrides(get_config(config), [f"model.classification={value}"])
     assert cfg.model.criterion.classification == value

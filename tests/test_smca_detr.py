@@ -9,7 +9,7 @@ from detectron2.config import instantiate
 from torch import nn
 
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.layers import TransformerEncoderLayer
 from detr_variants.layers.smca_attention import (
     GaussianModulatedAttention,

@@ -19,13 +19,13 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from torch import nn
 
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
-from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
-from detr_variants.engine.train_loop import (
+from detr_variants.engine.lazy_train import (
     apply_overrides,
     clip_parameters,
     resolve_max_iter,
     train,
 )
+from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
 from detr_variants.engine.trainer import SetPredictionTrainer
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.matcher import RestrictedMatcher, restricted_match
