@@ -15,6 +15,7 @@ from detr_variants.modeling import DETR, HungarianMatcher, SetCriterion, make_re
 
 from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.optim import AdamW as optimizer
+from ....configs.common.pixels import TORCHVISION_RGB as _TORCHVISION_RGB
 from ....configs.common.schedule import step_schedule
 from ....configs.common.train import train
 
@@ -43,13 +44,9 @@ model = L(DETR)(
         classification="${..classification}",
         eos_coef=0.1,
     ),
-    # torchvision's ImageNet statistics, RGB
-    pixel_mean=[123.675, 116.280, 103.530],
-    pixel_std=[58.395, 57.120, 57.375],
-    input_format="RGB",
+    **_TORCHVISION_RGB,
 )
 
-optimizer.lr = 1e-4
 lr_multiplier = step_schedule(total_epochs=500, drop_epochs=[400])
 
 dataloader.train.total_batch_size = 64
