@@ -21,10 +21,9 @@ from detr_variants.model_zoo import get_config
 from detr_variants.modeling import HungarianMatcher, SetCriterion, make_resnet
 from detr_variants.modeling.meta_arch.conditional_detr import ConditionalDETR
 from helpers import (
+    build_tiny,
     image_input,
     set_prediction_train_step,
-    tiny_run_overrides,
-    train_and_evaluate_tiny,
 )
 
 SYNTHETIC = "conditional_detr/conditional_detr_r18_synthetic"
@@ -36,21 +35,9 @@ COCO_CONFIGS = [
 ]
 
 
-def build_synthetic(**overrides):
-    cfg = get_config(SYNTHETIC)
-    for key, value in overrides.items():
-        target = cfg.model
-        *path, leaf = key.split(".")
-        for p in path:
-            target = target[p]
-        target[leaf] = value
-    torch.manual_seed(0)
-    return instantiate(cfg.model)
-
-
 @pytest.fixture(scope="module")
 def model():
-    return build_synthetic()
+    return build_tiny(SYNTHETIC)
 
 
 def official_sine(points):
@@ -115,22 +102,6 @@ def test_coco_configs_follow_the_official_recipe(name):
     assert len(model.backbone.res4) == (23 if "r101" in name else 6)
 
 
-def test_synthetic_config_matches_detr_synthetic():
-    """Same backbone, images, data, batch, iterations, schedule, layer counts, FFN and queries."""
-    ours, detr = get_config(SYNTHETIC), get_config("detr/detr_r18_synthetic")
-    assert ours.dataloader == detr.dataloader
-    for field in ("depth", "norm", "freeze_at", "out_features"):
-        assert ours.model.backbone[field] == detr.model.backbone[field]
-    for part in ("encoder", "decoder"):
-        assert ours.model[part].num_layers == detr.model[part].num_layers
-        assert ours.model[part].layer.dim_feedforward == detr.model[part].layer.dim_feedforward
-    for field in ("num_queries", "num_classes", "hidden_dim"):
-        assert ours.model[field] == detr.model[field]
-    assert ours.lr_multiplier == detr.lr_multiplier and ours.optimizer.lr == detr.optimizer.lr
-    for field in ("max_iter", "epochs", "init_checkpoint", "eval_period", "checkpointer"):
-        assert ours.train[field] == detr.train[field]
-
-
 def test_train_step_gives_finite_losses_and_gradients(model):
     batch = [
         image_input(96, 128, [[10, 10, 60, 50], [30, 40, 90, 90]], [1, 4], seed=0),
@@ -160,17 +131,6 @@ def test_eval_returns_top100_instances_in_original_coordinates(model):
     assert ((out.scores >= 0) & (out.scores <= 1)).all() and (
         out.scores[:-1] >= out.scores[1:]
     ).all()
-
-
-def test_synthetic_config_trains_and_evaluates_through_the_engine(tiny_shapes, tmp_path):
-    """Two CPU iterations of the synthetic recipe on the tiny dataset, then COCO evaluation."""
-    from detr_variants.engine.lazy_train import apply_overrides
-
-    cfg = apply_overrides(
-        get_config(SYNTHETIC),
-        ["model.encoder.num_layers=1", "model.decoder.num_layers=2", *tiny_run_overrides(tmp_path)],
-    )
-    train_and_evaluate_tiny(cfg, tmp_path)
 
 
 # ------------------------------------------------------------------ conditional spatial query / attention
@@ -549,7 +509,7 @@ def test_official_converter_loads_without_missing_or_unexpected_keys():
     official = official_state_dict()
     converted = convert_checkpoint({"model": official}, "official", "conditional_detr")
     model = load_strict(
-        build_synthetic(**{"backbone.norm": "FrozenBN", "num_classes": 80}), converted
+        build_tiny(SYNTHETIC, "model.backbone.norm=FrozenBN", "model.num_classes=80"), converted
     )
     assert model.class_embed.bias.tolist() == [
         float(i) for i in COCO_THING_IDS
@@ -568,4 +528,4 @@ def test_official_converter_loads_without_missing_or_unexpected_keys():
     )
     # A head trained for another class count is kept as it is.
     custom = convert_checkpoint(official_state_dict(classes=6), "official", "conditional_detr")
-    load_strict(build_synthetic(**{"backbone.norm": "FrozenBN"}), custom)
+    load_strict(build_tiny(SYNTHETIC, "model.backbone.norm=FrozenBN"), custom)
