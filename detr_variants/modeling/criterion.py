@@ -43,6 +43,8 @@ class SetCriterion(nn.Module):
             no-object, as DETR); see :mod:`~detr_variants.modeling.classification`.
     """
 
+    empty_weight: Tensor  # with classification="softmax": the class weights of the cross-entropy
+
     def __init__(
         self,
         *,

@@ -5,10 +5,11 @@ A variant subclasses :class:`SetPredictionDetector` and implements :meth:`comput
 which maps padded images and their padding mask to per-layer class logits and boxes.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import Backbone
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
@@ -21,7 +22,7 @@ from ..classification import CLASSIFICATIONS, check_classification
 def set_prediction_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool = True) -> Dict:
     """Per-layer predictions (L, B, Q, ·) → the criterion's dict: the last layer plus, with
     ``aux_loss``, one ``aux_outputs`` entry per earlier layer."""
-    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    out: Dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
     if aux_loss:
         out["aux_outputs"] = [
             {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
@@ -73,11 +74,13 @@ class SetPredictionDetector(nn.Module):
     """
 
     classifications: Sequence[str] = CLASSIFICATIONS
+    pixel_mean: Tensor
+    pixel_std: Tensor
 
     def __init__(
         self,
         *,
-        backbone: nn.Module,
+        backbone: Backbone,
         criterion: nn.Module,
         num_classes: int,
         pixel_mean: Sequence[float],

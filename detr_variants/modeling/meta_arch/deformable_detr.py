@@ -55,7 +55,7 @@ class DeformableDETR(SetPredictionDetector):
             (every encoder-output label is 0). Its box head is ``bbox_embed[L]``, as official.
     """
 
-    classifications = ("sigmoid",)
+    classifications: Sequence[str] = ("sigmoid",)
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """DETR (Carion et al. 2020): the baseline every fast-converging variant is measured against."""
 
 import math
-from typing import Tuple
+from typing import Sequence, Tuple
 
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ class DETR(SetPredictionDetector):
             logit per class, initialised to the prior 0.01, as the fast-converging variants).
     """
 
-    classifications = ("softmax", "sigmoid")
+    classifications: Sequence[str] = ("softmax", "sigmoid")
 
     def __init__(
         self,

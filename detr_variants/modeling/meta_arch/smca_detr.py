@@ -31,7 +31,7 @@ class SMCADETR(DETR):
         **kwargs: :class:`DETR` arguments.
     """
 
-    classifications = ("sigmoid",)
+    classifications: Sequence[str] = ("sigmoid",)
 
     def __init__(self, *, num_queries: int = 300, **kwargs):
         super().__init__(num_queries=num_queries, **kwargs)
