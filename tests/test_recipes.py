@@ -29,7 +29,9 @@ ENGINE_RUNS = {
 }
 
 
-@pytest.mark.parametrize("name, encoder_layers, features", SAME_AS_DETR)
+@pytest.mark.parametrize(
+    "name, encoder_layers, features", SAME_AS_DETR, ids=[row[0] for row in SAME_AS_DETR]
+)
 def test_synthetic_config_matches_detr_synthetic(name, encoder_layers, features):
     """Same backbone, images, data, batch, iterations, schedule, layer counts, FFN and queries."""
     ours, detr = get_config(name), get_config(DETR)

@@ -8,8 +8,7 @@ from detectron2.config import LazyCall as L
 from detr_variants.layers.conditional_attention import ConditionalDecoder, ConditionalDecoderLayer
 from detr_variants.modeling.meta_arch.conditional_detr import ConditionalDETR
 
-from ....configs.common.criterion import focal_criterion as _focal_criterion
-from ....configs.common.schedule import step_schedule
+from ....configs.common.focal_detr import focal_detr_recipe
 from ...detr.configs.detr_r50_500ep import dataloader, model, optimizer, train
 
 model.update(
@@ -19,14 +18,6 @@ model.update(
         num_layers=6,
         norm=model.decoder.norm,
     ),
-    num_queries=300,
-    classification="sigmoid",
-    test_topk=100,
-    criterion=_focal_criterion,
 )
-
-lr_multiplier = step_schedule(total_epochs=50, drop_epochs=[40])
-
-dataloader.train.total_batch_size = 16
-train.epochs = 50
+lr_multiplier = focal_detr_recipe(model, dataloader, train)
 train.output_dir = "./output/conditional_detr_r50_50ep"
