@@ -1,13 +1,21 @@
-"""Builds the native ops in ops/csrc into ``detr_variants._C``.
+"""Builds the native ops in ops/csrc into ``detr_variants._C`` and ships the configs.
 
-The CPU kernels are always compiled. The CUDA kernels are compiled when torch is a CUDA build
-and ``nvcc`` is found (CUDA_HOME), or when FORCE_CUDA=1.
+The CPU kernels are always compiled (unless DETR_VARIANTS_NO_EXT=1: the package then runs on its
+PyTorch fallbacks). The CUDA kernels are compiled when torch is a CUDA build and ``nvcc`` is
+found (CUDA_HOME), or when FORCE_CUDA=1.
+
+The LazyConfig files stay where they are edited (``configs/common``, ``projects/*/configs``) and
+are copied at build time into ``detr_variants/model_zoo_configs/`` with the same relative layout,
+so their relative imports (``from ....configs.common ...``) resolve in an installed copy too (as
+detectron2 ships ``configs/`` in ``detectron2/model_zoo/configs``).
 """
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 try:
     import torch
@@ -20,7 +28,30 @@ except ImportError as e:  # pragma: no cover - the build needs torch (use --no-b
 CSRC = os.path.join("ops", "csrc")
 
 
+def config_files():
+    """The LazyConfig files to ship, relative to the repository root."""
+    return sorted(
+        glob.glob(os.path.join("configs", "**", "*.py"), recursive=True)
+        + glob.glob(os.path.join("projects", "*", "configs", "*.py"))
+    )
+
+
+class build_py_with_configs(build_py):
+    """build_py that also copies the configs into ``detr_variants/model_zoo_configs``."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # editable: model_zoo reads the checkout
+            return
+        for rel in config_files():
+            target = os.path.join(self.build_lib, "detr_variants", "model_zoo_configs", rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(rel, target)
+
+
 def native_extensions():
+    if os.environ.get("DETR_VARIANTS_NO_EXT", "0") == "1":
+        return []
     sources = sorted(
         glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
     )
@@ -70,5 +101,8 @@ def native_extensions():
 
 setup(
     ext_modules=native_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={
+        "build_ext": BuildExtension.with_options(use_ninja=True),
+        "build_py": build_py_with_configs,
+    },
 )

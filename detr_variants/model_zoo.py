@@ -1,8 +1,11 @@
 """``get_config`` / ``get`` over the packaged experiment configs, like ``detectron2.model_zoo``.
 
 Config paths are relative to the repository root, e.g.
-``get_config("projects/detr/configs/detr_r18_synthetic.py")`` or the short form
-``get_config("detr/detr_r18_synthetic")`` (project/name).
+``get_config("projects/detr/configs/detr_r18_synthetic.py")``,
+``get_config("configs/common/data/custom.py")`` or the short form
+``get_config("detr/detr_r18_synthetic")`` (project/name). An installed package reads the copies
+that ``setup.py`` puts in ``detr_variants/model_zoo_configs`` (same layout); a source checkout
+(editable install) reads the files themselves.
 """
 
 import os
@@ -10,7 +13,15 @@ from typing import Union
 
 from detectron2.config import LazyConfig, instantiate
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _config_root() -> str:
+    """Where ``configs/`` and ``projects/`` are: the installed copy, else the checkout."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    packaged = os.path.join(package, "model_zoo_configs")
+    return packaged if os.path.isdir(packaged) else os.path.dirname(package)
+
+
+_ROOT = _config_root()
 
 
 def config_path(name: str) -> str:

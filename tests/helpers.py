@@ -33,6 +33,15 @@ def build_tiny(config_name, *overrides, seed=0, **model_fields):
     return instantiate(cfg.model)
 
 
+def tiny_config(cfg):
+    """Shrinks an experiment config's backbone so a CPU step takes well under a second."""
+    from detr_variants.engine.lazy_train import apply_overrides
+
+    return apply_overrides(
+        cfg, ["model.backbone.depth=18", "model.backbone.norm=BN", "model.backbone.freeze_at=0"]
+    )
+
+
 def tiny_run_overrides(output_dir) -> list:
     """Overrides that shrink a *_r18_synthetic config to seconds on the tiny_shapes datasets."""
     return [
@@ -153,3 +162,142 @@ def distinct_class_heads(state_dict, shared=False, seed=0):
             )
         out[name] = heads[index][0 if m.group(2) == "weight" else 1].clone()
     return out, heads
+
+
+def randomise_(state_dict, seed=1):
+    """Fills a model's state dict in place with random weights of a sensible scale (HF's init
+    leaves the box head near zero and frozen BatchNorms at identity, which would hide mapping
+    mistakes): BatchNorm scales/variances in [0.5, 1.5), convolutions He-scaled, matrices
+    1/sqrt(fan-in), LayerNorm scales around 1."""
+    g = torch.Generator().manual_seed(seed)
+    for key, v in state_dict.items():
+        if not v.is_floating_point():
+            continue
+        if "normalization" in key or key.endswith(("running_mean", "running_var")):
+            positive = key.endswith(("running_var", "weight"))
+            v.copy_(
+                torch.rand(v.shape, generator=g) + 0.5
+                if positive
+                else torch.randn(v.shape, generator=g) * 0.1
+            )
+        elif v.dim() == 4:
+            v.copy_(torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5)
+        elif "query_position_embeddings" in key:
+            v.copy_(torch.randn(v.shape, generator=g))
+        elif v.dim() == 2:
+            v.copy_(torch.randn(v.shape, generator=g) / v.shape[1] ** 0.5)
+        else:
+            offset = 1.0 if "norm" in key and key.endswith("weight") else 0.0
+            v.copy_(torch.randn(v.shape, generator=g) * 0.2 + offset)
+
+
+def official_coco_rows(no_object_row=None):
+    """The row of a released COCO class head (indexed by raw category id) that holds each of
+    detectron2's 80 contiguous classes, in order, taken from detectron2's own COCO metadata
+    (not from the converters' table), then ``no_object_row`` (DETR's 91) if given."""
+    from detectron2.data.datasets.builtin_meta import _get_coco_instances_meta
+
+    to_contiguous = _get_coco_instances_meta()["thing_dataset_id_to_contiguous_id"]
+    rows = sorted(to_contiguous, key=to_contiguous.get)
+    return rows + ([] if no_object_row is None else [no_object_row])
+
+
+def distinguishable_class_head(hidden_dim, rows, seed=0):
+    """Weight and bias of a released class head in which every row scores differently: random
+    rows, and biases 0.01 apart."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, hidden_dim, generator=g), 0.01 * torch.arange(float(rows))
+
+
+def assert_class_scores_follow_official_rows(model, weight, bias, rows, score, atol=1e-5):
+    """Checks that ``model`` (converted from a checkpoint whose class head is ``weight``/``bias``)
+    scores class ``c`` as the released head's row ``rows[c]`` does.
+
+    Runs a padded batch of two differently sized images, takes the decoder outputs that reach
+    ``model.class_embed`` (every call, every layer) and compares our logits, and our ``score``
+    (``"sigmoid"`` or ``"softmax"``), with the released head applied to the same features:
+    ``ours[..., c] == theirs[..., rows[c]]`` to ``atol``. For a softmax the released probabilities
+    are over all its rows, so they agree only where the rows not in ``rows`` carry no mass (set
+    their bias to -1e4 to compare them).
+    """
+    from detectron2.structures import ImageList
+
+    calls = []
+    hook = model.class_embed.register_forward_hook(lambda m, a, out: calls.append((a[0], out)))
+    g = torch.Generator().manual_seed(0)
+    sizes = [(96, 128), (64, 160)]
+    pixels = torch.zeros(2, 3, 96, 160)
+    padding = torch.ones(2, 96, 160, dtype=torch.bool)
+    for i, (h, w) in enumerate(sizes):
+        pixels[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        padding[i, :h, :w] = False
+    try:
+        with torch.no_grad():
+            model.eval().compute_outputs(ImageList(pixels, sizes), padding)
+    finally:
+        hook.remove()
+    assert calls, "class_embed was never called"
+    activate = {"sigmoid": torch.sigmoid, "softmax": lambda x: x.softmax(-1)}[score]
+    index = torch.as_tensor(rows)
+    for features, ours in calls:
+        theirs = torch.nn.functional.linear(features, weight, bias)
+        assert ours.shape[-1] == len(rows)
+        assert theirs[..., index].std() > 0.1  # the rows are told apart
+        torch.testing.assert_close(ours, theirs[..., index], atol=atol, rtol=0)
+        torch.testing.assert_close(activate(ours), activate(theirs)[..., index], atol=atol, rtol=0)
+
+
+def write_small_coco(root, split, num_images, seed=0):
+    """A small COCO-format split as a user's dataset looks: ``<root>/annotations/<split>.json``
+    and ``<root>/<split>/*.jpg``. Filled rectangles of three categories whose ids have gaps
+    (2, 5, 9), polygon segmentations, a crowd region (RLE) in image 1, image 0 without objects,
+    image 2 a grayscale JPEG. Returns (json path, image dir)."""
+    import json
+    import os
+
+    import cv2
+    import numpy as np
+
+    from detr_variants.data.synthetic import mask_to_rle
+
+    rng = np.random.default_rng(seed)
+    categories = [{"id": 2, "name": "red"}, {"id": 5, "name": "green"}, {"id": 9, "name": "blue"}]
+    colors = {2: (0, 0, 255), 5: (0, 255, 0), 9: (255, 0, 0)}  # BGR
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = int(rng.integers(60, 90)), int(rng.integers(70, 110))
+        img = np.full((h, w, 3), 40, np.uint8)
+        for _ in range(0 if i == 0 else int(rng.integers(1, 3))):
+            cid = int(rng.choice(list(colors)))
+            bw, bh = int(rng.integers(12, w // 2)), int(rng.integers(12, h // 2))
+            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            cv2.rectangle(img, (x, y), (x + bw - 1, y + bh - 1), colors[cid], -1)
+            poly = [x, y, x + bw, y, x + bw, y + bh, x, y + bh]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "bbox": [x, y, bw, bh],
+                    "category_id": cid,
+                    "iscrowd": 0,
+                    "area": bw * bh,
+                    "segmentation": [poly],
+                }
+            )
+        if i == 1:  # a crowd region over the top-left corner, as COCO stores them (RLE)
+            mask = np.zeros((h, w), bool)
+            mask[:10, :10] = True
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": i + 1, "bbox": [0, 0, 10, 10],
+                 "category_id": 5, "iscrowd": 1, "area": 100, "segmentation": mask_to_rle(mask)}
+            )  # fmt: skip
+        file_name = f"{split}_{i:03d}.jpg"
+        out = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if i == 2 else img
+        assert cv2.imwrite(os.path.join(root, split, file_name), out)
+        images.append({"id": i + 1, "file_name": file_name, "height": h, "width": w})
+    json_file = os.path.join(root, "annotations", f"{split}.json")
+    with open(json_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return json_file, os.path.join(root, split)

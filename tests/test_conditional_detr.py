@@ -21,8 +21,12 @@ from detr_variants.model_zoo import get_config
 from detr_variants.modeling import HungarianMatcher, SetCriterion, make_resnet
 from detr_variants.modeling.meta_arch.conditional_detr import ConditionalDETR
 from helpers import (
+    assert_class_scores_follow_official_rows,
     build_tiny,
+    distinguishable_class_head,
     image_input,
+    official_coco_rows,
+    randomise_,
     set_prediction_train_step,
 )
 
@@ -233,33 +237,6 @@ def test_preprojected_attention_matches_explicit_formula():
 D, HEADS, FFN, QUERIES, LABELS = 64, 4, 128, 12, 6
 
 
-def _randomise_(state_dict, seed=1):
-    """Random weights of a sensible scale (HF's init leaves the box head near zero and the
-    frozen BatchNorms at identity, which would hide mapping mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    for key, v in state_dict.items():
-        if not v.is_floating_point():
-            continue
-        if "normalization" in key or key.endswith(("running_mean", "running_var")):
-            positive = key.endswith(("running_var", "weight"))
-            v.copy_(
-                torch.rand(v.shape, generator=g) + 0.5
-                if positive
-                else torch.randn(v.shape, generator=g) * 0.1
-            )
-        elif v.dim() == 4:
-            v.copy_(torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5)
-        elif "query_position_embeddings" in key:
-            v.copy_(torch.randn(v.shape, generator=g))
-        elif v.dim() == 2:
-            v.copy_(torch.randn(v.shape, generator=g) / v.shape[1] ** 0.5)
-        else:
-            offset = (
-                1.0 if "norm" in key and key.endswith("weight") else 0.0
-            )  # LayerNorm scales around 1
-            v.copy_(torch.randn(v.shape, generator=g) * 0.2 + offset)
-
-
 @pytest.fixture(scope="module")
 def hf_model():
     transformers = pytest.importorskip("transformers")
@@ -287,7 +264,7 @@ def hf_model():
     torch.manual_seed(0)
     model = transformers.ConditionalDetrForObjectDetection(config).eval()
     with torch.no_grad():
-        _randomise_(model.state_dict())
+        randomise_(model.state_dict())
     return model
 
 
@@ -407,6 +384,18 @@ def test_hf_converter_reads_legacy_names_and_coco_heads(hf_model):
         )
 
 
+def test_hf_converter_maps_every_class_row_by_coco_id(hf_model):
+    """A distinguishable 91-label hub head: our class c scores (logit and sigmoid, to 1e-5) as HF
+    label COCO id(c)."""
+    sd = dict(hf_model.state_dict())
+    weight, bias = distinguishable_class_head(D, 91)
+    sd["class_labels_classifier.weight"], sd["class_labels_classifier.bias"] = weight, bias
+    model = load_strict(
+        ours_like_hf(num_classes=80), convert_checkpoint(sd, "hf", "conditional_detr")
+    )
+    assert_class_scores_follow_official_rows(model, weight, bias, official_coco_rows(), "sigmoid")
+
+
 def test_hf_resnet_names_and_computation_match_detectron2_resnet50():
     """Every HF ResNet-50 backbone name maps to a distinct detectron2 name, and the two compute the
     same res5 (bottleneck stride placement, stem max-pool, eval BatchNorm) to 1e-4 in float64."""
@@ -414,7 +403,7 @@ def test_hf_resnet_names_and_computation_match_detectron2_resnet50():
     torch.manual_seed(0)
     hf = transformers.ResNetBackbone(transformers.ResNetConfig(out_features=["stage4"])).eval()
     with torch.no_grad():
-        _randomise_(hf.state_dict())
+        randomise_(hf.state_dict())
     hf_sd = {k: v for k, v in hf.state_dict().items() if not k.endswith("num_batches_tracked")}
     mapped = {hf_resnet_name(k): v for k, v in hf_sd.items()}
     d2 = make_resnet(depth=50, norm="FrozenBN", freeze_at=0).eval()
@@ -529,3 +518,22 @@ def test_official_converter_loads_without_missing_or_unexpected_keys():
     # A head trained for another class count is kept as it is.
     custom = convert_checkpoint(official_state_dict(classes=6), "official", "conditional_detr")
     load_strict(build_tiny(SYNTHETIC, "model.backbone.norm=FrozenBN"), custom)
+
+
+def test_official_converter_maps_every_class_row_by_coco_id():
+    """A distinguishable 91-row official head: our class c scores (logit and sigmoid, to 1e-5) as
+    official row COCO id(c); the same check fails for a head that takes the first 80 rows."""
+    official = official_state_dict()
+    weight, bias = distinguishable_class_head(256, 91)
+    official["class_embed.weight"], official["class_embed.bias"] = weight, bias
+    converted = convert_checkpoint(official, "official", "conditional_detr")
+    model = build_tiny(SYNTHETIC, "model.backbone.norm=FrozenBN", "model.num_classes=80")
+    load_strict(model, converted)
+    assert_class_scores_follow_official_rows(model, weight, bias, official_coco_rows(), "sigmoid")
+
+    naive = dict(converted, **{"class_embed.weight": weight[:80], "class_embed.bias": bias[:80]})
+    load_strict(model, naive)
+    with pytest.raises(AssertionError):
+        assert_class_scores_follow_official_rows(
+            model, weight, bias, official_coco_rows(), "sigmoid"
+        )

@@ -197,7 +197,9 @@ def _official_names(state_dict):
         (r"^decoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.decoder.layers.\1.norm3."),
         (r"^decoder\.layers\.(\d+)\.ffn\.linear", r"transformer.decoder.layers.\1.linear"),
         (r"^(encoder|decoder)\.", r"transformer.\1."),
-        (r"^(level_embed|reference_points|enc_output|pos_trans)", r"transformer.\1"),
+        (r"^neck\.input_proj\.", "input_proj."),
+        (r"^neck\.(level_embed)", r"transformer.\1"),
+        (r"^(reference_points|enc_output|pos_trans)", r"transformer.\1"),
     ]
     state_dict = dict(state_dict)
     proposal = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith("proposal_class_")}

@@ -291,12 +291,68 @@ def test_input_validation():
     value, shapes, lsi, loc, attn = make_inputs()
     with pytest.raises(RuntimeError, match="head counts differ"):
         native(value, shapes, lsi, loc[:, :, :1], attn)
-    with pytest.raises(RuntimeError, match="does not fit"):
+    with pytest.raises(RuntimeError, match="running sum"):
         native(value, shapes * 2, lsi, loc, attn)
     with pytest.raises(RuntimeError, match="share one dtype"):
         native(value, shapes, lsi, loc.float(), attn)
     with pytest.raises(RuntimeError, match="float32 and float64"):
         native(value.half(), shapes, lsi, loc.half(), attn.half())
+
+
+@requires_native
+def test_level_start_index_is_checked_against_spatial_shapes():
+    """Start indices that fit in S but are not the running sum of H*W (the layout every path
+    assumes), a negative size, and levels that do not cover value's S positions are errors."""
+    value, shapes, lsi, loc, attn = (
+        make_inputs()
+    )  # shapes (6,4),(3,2),(1,1),(5,7): starts 0,24,30,31
+    for bad in ([0, 1, 2, 3], [0, 24, 31, 30], [1, 25, 31, 32]):
+        with pytest.raises(RuntimeError, match="running sum of H\\*W"):
+            native(value, shapes, torch.tensor(bad), loc, attn)
+        with pytest.raises(RuntimeError, match="running sum of H\\*W"):
+            msda._C.ms_deform_attn_backward(
+                value, shapes, torch.tensor(bad), loc, attn, torch.ones(2, 5, 8, dtype=value.dtype)
+            )
+    with pytest.raises(RuntimeError, match="negative size"):
+        native(value, torch.tensor([[6, 4], [3, 2], [1, 1], [-5, 7]]), lsi, loc, attn)
+    with pytest.raises(RuntimeError, match="cover 66 positions, but value has S=67"):
+        native(torch.cat([value, value[:, :1]], 1), shapes, lsi, loc, attn)
+
+
+def nan_inputs(dtype):
+    """make_inputs with non-finite entries: a NaN x, a NaN y, (+inf, -inf) and a NaN weight on a
+    sample inside the maps and on one outside them. Returns the inputs and the (n, q, m) rows
+    whose outputs must be NaN."""
+    value, shapes, lsi, loc, attn = make_inputs(dtype=dtype, seed=4)
+    nan, inf = float("nan"), float("inf")
+    loc[0, 1, 0, 0, 0, 0] = nan
+    loc[0, 2, 1, 1, 1, 1] = nan
+    loc[1, 0, 0, 2, 0] = torch.tensor([inf, -inf])
+    loc[1, 3, 1, 0, 2] = torch.tensor([0.4, 0.6])
+    attn[1, 3, 1, 0, 2] = nan
+    loc[1, 4, 0, 3, 1] = torch.tensor([1.7, -0.9])
+    attn[1, 4, 0, 3, 1] = nan
+    return (value, shapes, lsi, loc, attn), [(0, 1, 0), (0, 2, 1), (1, 0, 0), (1, 3, 1), (1, 4, 0)]
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_finite_inputs_propagate_as_in_the_pytorch_path(dtype):
+    """NaN / inf sampling locations and NaN attention weights, inside and outside the maps: the
+    output (NaN in exactly the rows of those samples) and all three gradients have NaN exactly
+    where grid_sample + weighted sum has them, and agree elsewhere (absolute and relative <= 1e-10
+    in float64, 1e-5 in float32)."""
+    args, nan_rows = nan_inputs(dtype)
+    mine = grads(ms_deform_attn, *args)
+    ref = grads(ms_deform_attn_pytorch, *args)
+    tol = F64_ABS if dtype == torch.float64 else F32_REL
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, equal_nan=True, atol=tol, rtol=tol)
+    out = mine[0].view(2, 5, 2, 4)
+    rows = torch.zeros(2, 5, 2, dtype=torch.bool)
+    rows[tuple(zip(*nan_rows))] = True
+    assert out[rows].isnan().all() and out[~rows].isfinite().all()
+    assert all(t.isnan().any() and t.isfinite().any() for t in mine[1:])
 
 
 @requires_native
@@ -446,6 +502,17 @@ def test_module_rejects_bad_reference_points():
         mod(query, torch.rand(2, 7, 3, 3, dtype=torch.float64), inp, shapes, lsi, mask)
 
 
+def test_module_rejects_a_padding_mask_of_the_wrong_size():
+    """A mask that is not (N, S) bool is an error, also a transposed one with N*S elements (it
+    would otherwise be reshaped silently onto the wrong positions)."""
+    mod = perturbed_module()
+    query, ref, inp, shapes, lsi, mask = module_inputs()
+    for bad in (mask.t().contiguous(), mask[:, :-1], mask.float()):
+        with pytest.raises(ValueError, match=r"input_padding_mask must be a \(2, 41\) bool"):
+            mod(query, ref, inp, shapes, lsi, bad)
+    assert mod(query, ref, inp, shapes, lsi, mask).isfinite().all()
+
+
 def test_module_init():
     """Official init: offsets bias = per-head direction (cos, sin)/max(|cos|,|sin|) * (i+1), same for
     every level; zero offset / attention weights; xavier projections with zero bias (exact)."""
@@ -575,12 +642,8 @@ def _cuda_emulation_module():
     )
 
 
-@pytest.mark.slow
-def test_cuda_kernels_in_host_emulation():
-    """The CUDA kernels and launchers, run by the host emulation, against the float64 reference
-    (outputs and all gradients, relative to the max): float64 1e-12, float32 1e-5, float16 2e-3,
-    bfloat16 1.6e-2. Covers every vector width, the multi-group backward (D=256 float32, D=71) and
-    a misaligned value tensor (scalar loads)."""
+def _emulated_cuda_function():
+    """The emulated CUDA forward/backward as an autograd function (called like ms_deform_attn)."""
     emu = _cuda_emulation_module()
 
     class EmulatedFn(torch.autograd.Function):
@@ -595,6 +658,30 @@ def test_cuda_kernels_in_host_emulation():
             gv, gl, ga = emu.ms_deform_attn_backward(value, shapes, lsi, loc, attn, grad_out)
             return gv, None, None, gl, ga
 
+    return EmulatedFn.apply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_kernels_propagate_non_finite_inputs_in_host_emulation(dtype):
+    """The CUDA kernels (host emulation) on the non-finite inputs of
+    test_non_finite_inputs_propagate_as_in_the_pytorch_path: NaN exactly where the PyTorch path
+    has NaN, equal elsewhere (absolute and relative <= 1e-10 in float64, 1e-5 in float32)."""
+    args, _ = nan_inputs(dtype)
+    mine = grads(_emulated_cuda_function(), *args)
+    ref = grads(ms_deform_attn_pytorch, *args)
+    tol = F64_ABS if dtype == torch.float64 else F32_REL
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, equal_nan=True, atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+def test_cuda_kernels_in_host_emulation():
+    """The CUDA kernels and launchers, run by the host emulation, against the float64 reference
+    (outputs and all gradients, relative to the max): float64 1e-12, float32 1e-5, float16 2e-3,
+    bfloat16 1.6e-2. Covers every vector width, the multi-group backward (D=256 float32, D=71) and
+    a misaligned value tensor (scalar loads)."""
+    emulated = _emulated_cuda_function()
     cases = [
         (dt, D, False)
         for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -615,7 +702,7 @@ def test_cuda_kernels_in_host_emulation():
             storage[1:] = args[0].flatten()
             args[0] = storage[1:].view(args[0].shape)
         args64 = [t.double() if t.is_floating_point() else t for t in args]
-        mine = grads(EmulatedFn.apply, *args)
+        mine = grads(emulated, *args)
         ref = grads(ms_deform_attn_pytorch, *args64)
         assert mine[0].dtype == dtype and mine[1].dtype == dtype
         for a, b in zip(mine, ref):

@@ -19,7 +19,11 @@ from detr_variants.layers.smca_attention import (
     parse_encoder_layout,
 )
 from detr_variants.model_zoo import get_config
-from detr_variants.modeling.meta_arch.smca_detr import SMCADETR, MultiScaleSMCADETR
+from detr_variants.modeling.meta_arch.smca_detr import (
+    SMCADETR,
+    MultiScaleSMCADETR,
+    ReleasedMultiScaleSMCADETR,
+)
 from helpers import (
     build_tiny,
     image_input,
@@ -305,9 +309,9 @@ def test_registered_heads_and_init(single, multi):
             ).all()
             assert layer.modulation.offsets.out_features == 2 * 8 * layer.num_levels
     assert single.strides == [32] and multi.strides == [16, 32, 64]
-    assert [p.kernel_size for p in multi.input_proj] == [(1, 1), (1, 1), (3, 3)]
+    assert [p.kernel_size for p in multi.neck.input_proj] == [(1, 1), (1, 1), (3, 3)]
     assert (
-        multi.input_proj[2].in_channels == multi.backbone.output_shape()["res5"].channels
+        multi.neck.input_proj[2].in_channels == multi.backbone.output_shape()["res5"].channels
     )  # raw C5
     assert multi.decoder.layers[0].scale_selection.out_features == 3
 
@@ -379,7 +383,11 @@ def test_synthetic_config_train_step_and_inference(which, single, multi):
         layer.prior_norm.weight,
     ]
     if which == "multi":
-        params += [layer.scale_selection.weight, model.level_embed, model.input_proj[2].weight]
+        params += [
+            layer.scale_selection.weight,
+            model.neck.level_embed,
+            model.neck.input_proj[2].weight,
+        ]
     for p in params:
         assert p.grad is not None and p.grad.abs().sum() > 0
     model.eval()
@@ -544,3 +552,365 @@ def test_official_converter_round_trip():
             "official",
             "smca",
         )
+
+
+def _official_class_rows_check(model, batch, weight, bias):
+    """Per-class scores of the converted model = the official head's row of that class's COCO id:
+    ours[..., c] = (h · W_off[COCO_THING_IDS[c]] + b_off[...]) for the decoder outputs h of every
+    layer; every official row is random, so a wrong row mapping fails. Tolerance 1e-4."""
+    from detr_variants.checkpoint import COCO_THING_IDS
+
+    # a few ids written out, so that the test does not only check the list against itself
+    assert len(COCO_THING_IDS) == 80 and COCO_THING_IDS[:3] == [1, 2, 3]
+    assert COCO_THING_IDS[11] == 13 and COCO_THING_IDS[79] == 90 and 12 not in COCO_THING_IDS
+    seen = []
+    hook = model.decoder.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    model.eval()
+    with torch.no_grad():
+        out = model.compute_outputs(*model.preprocess_image(batch))
+    hook.remove()
+    official = nn.functional.linear(seen[0], weight, bias)  # (layers, B, Q, 92)
+    ours = torch.stack([a["pred_logits"] for a in out["aux_outputs"]] + [out["pred_logits"]])
+    assert ours.shape[-1] == 80 and official.shape[-1] == 92
+    for c, coco_id in enumerate(COCO_THING_IDS):
+        assert torch.allclose(ours[..., c], official[..., coco_id], atol=1e-4), (c, coco_id)
+
+
+def test_official_single_scale_class_rows_map_to_coco_ids():
+    model = build_tiny(
+        "smca_detr/smca_r50_50ep", "model.encoder.num_layers=1", "model.decoder.num_layers=1"
+    )
+    official = _official_names(model.state_dict())
+    g = torch.Generator().manual_seed(5)
+    official["class_embed.weight"] = torch.randn(92, 256, generator=g)
+    official["class_embed.bias"] = torch.randn(92, generator=g)
+    model.load_state_dict(convert_checkpoint(official, "official", "smca"))
+    _official_class_rows_check(
+        model,
+        [image_input(64, 96, with_instances=False)],
+        official["class_embed.weight"],
+        official["class_embed.bias"],
+    )
+
+
+# ------------------------------------------------------------------ the released multi-scale model
+RELEASED = "smca_detr/smca_ms_released_r50_50ep"
+
+
+def released_official_state_dict(enc_layers, dec_layers, shared, kernel=7, seed=0):
+    """The key names and shapes of a released multi-scale SMCA R50 (``Multi_scale_SMCA.zip``,
+    ``models/detr.py`` and ``models/transformer*.py``), written from its module definitions with
+    random values: torchvision ResNet-50 under ``backbone.0.body.``; ``input_proj_{512,1024,2048}``
+    (1x1) and ``input_proj_2048_3`` (3x3 s2); ``transformer.level_embed`` (4, 256) and
+    ``transformer.conv`` (3x3 s2); encoder layers with ``conv_1``, ``self_attn_{8,16,32,64}``
+    (depthwise), ``high_to_low[_i]``/``low_to_high[_i]``, ``conv_2``, ``norm1/2``, ``linear1/2``;
+    decoder layers with DETR's attention, ``norm1-4``, ``point2`` (64), ``point3`` (64), ``point4``
+    (4) and, in layer 0, ``point1`` (MLP 256-256-256-2); ``class_embed`` with 92 rows."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for k, v in torchvision.models.resnet50().state_dict().items():
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked"):  # FrozenBN
+            shapes["backbone.0.body." + k] = v.shape
+    for name, cin, k in [
+        ("512", 512, 1),
+        ("1024", 1024, 1),
+        ("2048", 2048, 1),
+        ("2048_3", 2048, 3),
+    ]:
+        shapes[f"input_proj_{name}.weight"], shapes[f"input_proj_{name}.bias"] = (
+            (256, cin, k, k),
+            (256,),
+        )
+    shapes["transformer.level_embed"] = (4, 256)
+    shapes["transformer.conv.weight"], shapes["transformer.conv.bias"] = (256, 256, 3, 3), (256,)
+    depthwise = ["self_attn_8", "self_attn_16", "self_attn_32", "self_attn_64"]
+    depthwise += (
+        ["high_to_low", "low_to_high"]
+        if shared
+        else [f"{d}_{i}" for d in ("high_to_low", "low_to_high") for i in (1, 2, 3)]
+    )
+    for i in range(enc_layers):
+        p = f"transformer.encoder.layers.{i}."
+        for conv in depthwise:
+            shapes[p + conv + ".weight"], shapes[p + conv + ".bias"] = (
+                (256, 1, kernel, kernel),
+                (256,),
+            )
+        for conv in ("conv_1", "conv_2"):
+            shapes[p + conv + ".weight"], shapes[p + conv + ".bias"] = (256, 256, 1, 1), (256,)
+        shapes.update({p + "linear1.weight": (1024, 256), p + "linear1.bias": (1024,)})
+        shapes.update({p + "linear2.weight": (256, 1024), p + "linear2.bias": (256,)})
+        for norm in ("norm1", "norm2"):
+            shapes[p + norm + ".weight"] = shapes[p + norm + ".bias"] = (256,)
+    for i in range(dec_layers):
+        p = f"transformer.decoder.layers.{i}."
+        for attn in ("self_attn", "multihead_attn"):
+            shapes[p + attn + ".in_proj_weight"], shapes[p + attn + ".in_proj_bias"] = (
+                (768, 256),
+                (768,),
+            )
+            shapes[p + attn + ".out_proj.weight"] = (256, 256)
+            shapes[p + attn + ".out_proj.bias"] = (256,)
+        shapes.update({p + "linear1.weight": (1024, 256), p + "linear1.bias": (1024,)})
+        shapes.update({p + "linear2.weight": (256, 1024), p + "linear2.bias": (256,)})
+        for norm in ("norm1", "norm2", "norm3", "norm4"):
+            shapes[p + norm + ".weight"] = shapes[p + norm + ".bias"] = (256,)
+        for point, n in (("point2", 64), ("point3", 64), ("point4", 4)):
+            shapes[p + point + ".weight"], shapes[p + point + ".bias"] = (n, 256), (n,)
+        if i == 0:
+            for j, n in enumerate((256, 256, 2)):
+                shapes[p + f"point1.layers.{j}.weight"], shapes[p + f"point1.layers.{j}.bias"] = (
+                    (n, 256),
+                    (n,),
+                )
+    shapes["transformer.decoder.norm.weight"] = shapes["transformer.decoder.norm.bias"] = (256,)
+    shapes["query_embed.weight"] = (300, 256)
+    shapes["class_embed.weight"], shapes["class_embed.bias"] = (92, 256), (92,)
+    for j, n in enumerate((256, 256, 4)):
+        shapes[f"bbox_embed.layers.{j}.weight"], shapes[f"bbox_embed.layers.{j}.bias"] = (
+            (n, 256),
+            (n,),
+        )
+    state = {k: 0.05 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    for k in state:
+        if k.endswith("running_var"):
+            state[k] = torch.rand(shapes[k], generator=g) + 0.5
+    return state
+
+
+# released name → ours, written out (a spot check of the renaming, independent of the converter)
+RELEASED_NAMES = {
+    "input_proj_512.weight": "neck.input_proj.0.weight",
+    "input_proj_1024.bias": "neck.input_proj.1.bias",
+    "input_proj_2048.weight": "neck.input_proj.2.weight",
+    "input_proj_2048_3.weight": "neck.input_proj.3.weight",
+    "transformer.level_embed": "neck.level_embed",
+    "transformer.conv.weight": "memory_downsample.weight",
+    "transformer.encoder.layers.1.conv_1.weight": "encoder.layers.1.input_conv.weight",
+    "transformer.encoder.layers.1.conv_2.bias": "encoder.layers.1.output_conv.bias",
+    "transformer.encoder.layers.0.self_attn_8.weight": "encoder.layers.0.level_convs.0.weight",
+    "transformer.encoder.layers.0.self_attn_32.weight": "encoder.layers.0.level_convs.2.weight",
+    "transformer.encoder.layers.1.self_attn_64.bias": "encoder.layers.1.level_convs.3.bias",
+    "transformer.encoder.layers.0.norm1.weight": "encoder.layers.0.norm.weight",
+    "transformer.encoder.layers.0.norm2.weight": "encoder.layers.0.ffn.norm.weight",
+    "transformer.encoder.layers.0.linear1.weight": "encoder.layers.0.ffn.linear1.weight",
+    "transformer.decoder.layers.1.point4.weight": "decoder.layers.1.scale_selection.weight",
+    "transformer.decoder.layers.1.point2.bias": "decoder.layers.1.modulation.offsets.bias",
+    "transformer.decoder.layers.0.point3.weight": "decoder.layers.0.modulation.scales.weight",
+    "transformer.decoder.layers.0.norm4.bias": "decoder.layers.0.prior_norm.bias",
+    "transformer.decoder.layers.0.point1.layers.2.weight": "decoder.center_head.layers.2.weight",
+    "transformer.decoder.layers.1.multihead_attn.in_proj_weight": (
+        "decoder.layers.1.cross_attn.in_proj_weight"
+    ),
+    "transformer.decoder.norm.weight": "decoder.norm.weight",
+}
+SHARED_NAMES = {
+    "transformer.encoder.layers.0.high_to_low.weight": "encoder.layers.0.down_convs.0.weight",
+    "transformer.encoder.layers.1.low_to_high.bias": "encoder.layers.1.up_convs.0.bias",
+}
+PER_PAIR_NAMES = {
+    "transformer.encoder.layers.0.high_to_low_1.weight": "encoder.layers.0.down_convs.0.weight",
+    "transformer.encoder.layers.0.high_to_low_3.weight": "encoder.layers.0.down_convs.2.weight",
+    "transformer.encoder.layers.1.low_to_high_2.bias": "encoder.layers.1.up_convs.1.bias",
+}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_released_converter_covers_every_key_and_maps_class_rows(shared):
+    """Every key of a released checkpoint (names and shapes as in the release; 2 encoder and 2
+    decoder layers) converts and loads strictly; named keys land where the table says (tolerance
+    0); the class scores follow the COCO ids; unknown keys raise."""
+    overrides = ["model.encoder.num_layers=2", "model.decoder.num_layers=2"]
+    if not shared:
+        overrides += ["model.encoder.layer.shared_cross_scale=False"]
+    model = build_tiny(RELEASED, *overrides)
+    official = released_official_state_dict(2, 2, shared)
+    counter = {
+        "backbone.0.body.bn1.num_batches_tracked": torch.tensor(0)
+    }  # a trained BN's, dropped
+    converted = convert_checkpoint(
+        {"model": {**official, **counter}}, "official", "smca_ms_released"
+    )
+    assert set(converted) == set(model.state_dict())
+    incompatible = Checkpointer(model, strict=True)._load_model({"model": converted})
+    assert not (
+        incompatible.missing_keys or incompatible.unexpected_keys or incompatible.incorrect_shapes
+    )
+    for theirs, ours in {**RELEASED_NAMES, **(SHARED_NAMES if shared else PER_PAIR_NAMES)}.items():
+        assert torch.equal(converted[ours], official[theirs]), theirs
+    _official_class_rows_check(
+        model,
+        [image_input(64, 96, with_instances=False)],
+        official["class_embed.weight"],
+        official["class_embed.bias"],
+    )
+    with pytest.raises(KeyError, match="not understood"):
+        convert_checkpoint(
+            {**official, "transformer.encoder.layers.0.self_attn_128.weight": torch.zeros(1)},
+            "official",
+            "smca_ms_released",
+        )
+
+
+@pytest.fixture(scope="module")
+def released():
+    return build_tiny(
+        RELEASED,
+        "model.backbone.depth=18",
+        "model.encoder.num_layers=1",
+        "model.decoder.num_layers=2",
+        "model.num_queries=20",
+    )
+
+
+def _released_capture(model, batch):
+    seen = {"encoder": [], "decoder": [], "modulation": [], "selection": []}
+    hooks = [
+        model.encoder.register_forward_hook(lambda m, a, out: seen["encoder"].append(out)),
+        model.decoder.register_forward_pre_hook(
+            lambda m, a, kw: seen["decoder"].append((a, kw)), with_kwargs=True
+        ),
+    ]
+    for layer in model.decoder.layers:
+        hooks.append(
+            layer.modulation.register_forward_pre_hook(lambda m, a: seen["modulation"].append(a))
+        )
+        hooks.append(
+            layer.scale_selection.register_forward_hook(
+                lambda m, a, out: seen["selection"].append(out)
+            )
+        )
+    model.eval()
+    with torch.no_grad():
+        out = model.compute_outputs(*model.preprocess_image(batch))
+    for h in hooks:
+        h.remove()
+    return seen, out
+
+
+def test_released_decoder_levels_strides_and_distance_factors(released):
+    """The decoder reads [conv(C3 memory), C4, C5, P6] at strides 16, 16, 32, 64: the first level
+    is memory_downsample of the stride-8 memory with C4's shape, padding mask and position
+    encoding (tolerance 0); Gaussian centres in each level's unpadded cells (image size / stride,
+    tolerance 1e-6) and distance factors 0.5, 0.5, 1, 2."""
+    model = released
+    assert model.strides == [16, 16, 32, 64] and model.neck.strides == [8, 16, 32, 64]
+    assert model.neck.extra_mask_source == "previous"
+    for layer in model.decoder.layers:
+        assert layer.modulation.level_distance_factors == [0.5, 0.5, 1.0, 2.0]
+        assert layer.num_levels == 4 and layer.scale_selection.out_features == 4
+    batch = padded_batch()
+    seen, _ = _released_capture(model, batch)
+    memory_levels = seen["encoder"][0]
+    assert [tuple(m.shape[-2:]) for m in memory_levels] == [(12, 16), (6, 8), (3, 4), (2, 2)]
+    args, kwargs = seen["decoder"][0]
+    _, memory, _, pos, _, shapes = args
+    mask = kwargs["memory_key_padding_mask"]
+    assert list(shapes) == [(6, 8), (6, 8), (3, 4), (2, 2)]
+    n = 6 * 8
+    with torch.no_grad():
+        down = model.memory_downsample(memory_levels[0]).flatten(2).transpose(1, 2)
+    assert torch.equal(memory[:, :n], down)
+    assert torch.equal(memory[:, n : 2 * n], memory_levels[1].flatten(2).transpose(1, 2))
+    assert torch.equal(pos[:, :n], pos[:, n : 2 * n])
+    with torch.no_grad():
+        images, padding = model.preprocess_image(batch)
+        _, masks, level_pos = model.multi_level_features(images, padding)
+    assert torch.equal(pos[:, n : 2 * n], level_pos[1].flatten(2).transpose(1, 2))
+    assert torch.equal(mask[:, :n], mask[:, n : 2 * n])
+    assert torch.equal(mask[:, :n], masks[1].flatten(1)) and mask[1].any()
+    expected = (
+        torch.tensor([[128.0, 96.0], [100.0, 80.0]])[:, None]
+        / torch.tensor([16.0, 16.0, 32.0, 64.0])[None, :, None]
+    )
+    for args in seen["modulation"]:
+        assert torch.allclose(args[2], expected, atol=1e-6)
+
+
+def test_released_scale_selection_is_per_image(released):
+    """Two same-size images in one batch give each image's own outputs (a softmax over the 4
+    levels per query and per image; the release reads image 0's weights for all): tolerance 1e-5.
+    The two images' weights do differ, so the test would see image 0's being reused."""
+    a = image_input(64, 96, with_instances=False, seed=3)
+    b = image_input(64, 96, with_instances=False, seed=4)
+    seen, both = _released_capture(released, [a, b])
+    weights = seen["selection"][1].softmax(-1)  # layer 1: its input depends on the image
+    assert weights.shape == (2, 20, 4)
+    assert (weights[0] - weights[1]).abs().max() > 1e-3
+    _, alone_a = _released_capture(released, [a])
+    _, alone_b = _released_capture(released, [b])
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(both[key][0], alone_a[key][0], atol=1e-5)
+        assert torch.allclose(both[key][1], alone_b[key][0], atol=1e-5)
+
+
+def test_cross_scale_conv_encoder_exchanges_only_between_adjacent_levels():
+    """One layer: level l's output depends on levels l-1, l, l+1 only (perturbing level 2 changes
+    levels 1-3, not level 0; tolerance 0 for unchanged); shared or per-pair cross-scale convs."""
+    from detr_variants.layers.smca_conv_encoder import CrossScaleConvEncoderLayer
+
+    torch.manual_seed(6)
+    layer = CrossScaleConvEncoderLayer(d_model=32, num_levels=4, dim_feedforward=64, dropout=0.0)
+    assert len(layer.down_convs) == len(layer.up_convs) == 3
+    assert layer.level_convs[0].groups == 32 and layer.down_convs[0].stride == (2, 2)
+    shared = CrossScaleConvEncoderLayer(
+        d_model=32, num_levels=4, kernel_size=7, shared_cross_scale=True
+    )
+    assert len(shared.down_convs) == 1 and shared.down_convs[0].kernel_size == (7, 7)
+    sizes = [(12, 10), (6, 5), (3, 3), (2, 2)]
+    srcs = [torch.randn(1, 32, h, w) for h, w in sizes]
+    pos = [torch.randn(1, 32, h, w) for h, w in sizes]
+    layer.eval()
+    with torch.no_grad():
+        out = layer(srcs, pos)
+        poked = list(srcs)
+        poked[2] = poked[2] + 1.0
+        out2 = layer(poked, pos)
+    assert torch.equal(out[0], out2[0])
+    assert all((out[i] - out2[i]).abs().max() > 1e-3 for i in (1, 2, 3))
+    with pytest.raises(ValueError, match="stride-2 conv"):
+        layer(
+            srcs[:1] + [torch.randn(1, 32, 7, 5)] + srcs[2:],
+            pos[:1] + [torch.randn(1, 32, 7, 5)] + pos[2:],
+        )
+
+
+def test_released_train_step_reaches_every_new_part(released):
+    set_prediction_train_step(released, padded_batch())
+    layer = released.encoder.layers[0]
+    params = [
+        released.memory_downsample.weight,
+        released.neck.input_proj[3].weight,
+        released.neck.level_embed,
+        layer.input_conv.weight,
+        layer.level_convs[3].weight,
+        layer.down_convs[0].weight,
+        layer.up_convs[0].weight,
+        released.decoder.layers[1].scale_selection.weight,
+    ]
+    for p in params:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "depth,shared,log_parameters", [(50, True, 40763514), (101, False, 60010618)]
+)
+def test_released_configs_match_the_released_runs(depth, shared, log_parameters):
+    """The recipe of the released commands, and the trainable parameters with the released 92-row
+    class head equal the n_parameters of the released logs (R50 44.4 AP, R101 45.7 AP)."""
+    name = f"smca_detr/smca_ms_released_r{depth}_50ep"
+    cfg = get_config(name)
+    assert cfg.dataloader.train.total_batch_size == 8
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 1e-4
+    assert cfg.optimizer.params.lr_multipliers == {"backbone": 0.1}
+    assert cfg.train.epochs == 50 and cfg.train.clip_grad.max_norm == 0.1
+    assert list(cfg.lr_multiplier.milestones) == [40]
+    assert cfg.model.num_queries == 300 and cfg.model.encoder.num_layers == 6
+    assert cfg.model.encoder.layer.kernel_size == 7
+    assert cfg.model.encoder.layer.shared_cross_scale == shared
+    model = instantiate(cfg.model)
+    assert isinstance(model, ReleasedMultiScaleSMCADETR)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable + 12 * (256 + 1) == log_parameters  # the 12 unused COCO-id rows of 92

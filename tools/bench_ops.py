@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmarks multi-scale deformable attention: native kernels vs the PyTorch (grid_sample) path.
 
-Cases (Deformable DETR, one 800x1216 image, levels at strides 8/16/32/64, 8 heads x 32 channels,
-4 levels x 4 points, batch 1):
-  encoder  queries = all 20,197 tokens
+Cases (Deformable DETR, one 800x1216 image (--image), levels at strides 8/16/32/64, 8 heads x 32
+channels, 4 levels x 4 points, batch 1 (--batch)):
+  encoder  queries = all tokens (20,197 at 800x1216)
   decoder  300 queries
 Inputs are random: value ~ N(0, 1), sampling locations ~ U[0, 1], attention weights softmaxed over
 the 16 levels x points.
@@ -19,7 +19,8 @@ Reported per case and dtype, native and PyTorch side by side, with their ratios:
     back to the OS instead of staying resident in the heap. It counts every byte the call makes
     resident: autograd-saved intermediates, the output and the gradients.
 
-  python tools/bench_ops.py [--device cpu|cuda] [--repeat 5] [--threads N] [--output PATH]
+  python tools/bench_ops.py [--device cpu|cuda] [--image 800x1216] [--batch 1] [--repeat 5]
+                            [--threads N] [--output PATH]
 """
 
 import argparse
@@ -41,10 +42,9 @@ if ROOT not in sys.path:
 # the module (detr_variants.layers re-exports a function of the same name)
 msda = importlib.import_module("detr_variants.layers.ms_deform_attn")
 
-LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))
+STRIDES = (8, 16, 32, 64)
 HEADS, CHANNELS, POINTS = 8, 32, 4
-S_TOTAL = sum(h * w for h, w in LEVELS)
-CASES = {"encoder": S_TOTAL, "decoder": 300}
+DECODER_QUERIES = 300
 IMPLS = ("native", "pytorch")
 # The bars the CPU kernels must clear (encoder case, float32).
 CPU_BARS = {
@@ -54,18 +54,28 @@ CPU_BARS = {
 }
 
 
-def make_inputs(num_queries, dtype, device, seed=0):
+def feature_levels(height, width):
+    """(H, W) of the feature maps at STRIDES; each stride-2 stage rounds up (800x1216 gives
+    (100, 152), (50, 76), (25, 38), (13, 19))."""
+    return tuple((-(-height // s), -(-width // s)) for s in STRIDES)
+
+
+def case_queries(levels):
+    return {"encoder": sum(h * w for h, w in levels), "decoder": DECODER_QUERIES}
+
+
+def make_inputs(num_queries, dtype, device, levels, batch=1, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(LEVELS, dtype=torch.long)
+    shapes = torch.tensor(levels, dtype=torch.long)
     areas = shapes[:, 0] * shapes[:, 1]
     starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    L = len(LEVELS)
-    value = torch.randn(1, S_TOTAL, HEADS, CHANNELS, generator=g)
-    loc = torch.rand(1, num_queries, HEADS, L, POINTS, 2, generator=g)
+    L = len(levels)
+    value = torch.randn(batch, int(areas.sum()), HEADS, CHANNELS, generator=g)
+    loc = torch.rand(batch, num_queries, HEADS, L, POINTS, 2, generator=g)
     attn = (
-        torch.randn(1, num_queries, HEADS, L * POINTS, generator=g)
+        torch.randn(batch, num_queries, HEADS, L * POINTS, generator=g)
         .softmax(-1)
-        .view(1, num_queries, HEADS, L, POINTS)
+        .view(batch, num_queries, HEADS, L, POINTS)
     )
     value, loc, attn = (t.to(device=device, dtype=dtype) for t in (value, loc, attn))
     return value, shapes.to(device), starts.to(device), loc, attn
@@ -140,7 +150,7 @@ def memory_worker(spec):
     """Runs in a fresh process: peak resident memory of one impl for one case."""
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
-    inputs = make_inputs(spec["queries"], dtype, "cpu")
+    inputs = make_inputs(spec["queries"], dtype, "cpu", spec["levels"], spec["batch"])
     impl = spec["impl"]
     run_forward(impl, inputs)
     run_forward_backward(impl, inputs)  # warm-up: thread pools, lazy initialisation
@@ -150,8 +160,16 @@ def memory_worker(spec):
     }
 
 
-def cpu_memory(case, queries, dtype, impl, threads):
-    spec = {"case": case, "queries": queries, "dtype": dtype, "impl": impl, "threads": threads}
+def cpu_memory(case, queries, dtype, impl, threads, levels, batch):
+    spec = {
+        "case": case,
+        "queries": queries,
+        "dtype": dtype,
+        "impl": impl,
+        "threads": threads,
+        "levels": levels,
+        "batch": batch,
+    }
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)],
@@ -204,6 +222,8 @@ def main():
         "--dtypes", default=None, help="comma list (default: cpu float32; cuda float32,bfloat16)"
     )
     parser.add_argument("--cases", default="encoder,decoder")
+    parser.add_argument("--image", default="800x1216", help="HxW of the image the levels come from")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument(
         "--repeat", type=int, default=5, help="timed runs per measurement (after one warm-up)"
     )
@@ -222,6 +242,9 @@ def main():
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a GPU")
+    height, width = (int(v) for v in args.image.lower().split("x"))
+    levels = feature_levels(height, width)
+    queries_of = case_queries(levels)
     dtypes = (args.dtypes or ("float32" if device == "cpu" else "float32,bfloat16")).split(",")
     if not msda.native_available(device):
         print(
@@ -250,11 +273,12 @@ def main():
     report = {
         "description": __doc__.strip().split("\n\n", 1)[1],
         "shapes": {
-            "levels": LEVELS,
+            "image": [height, width],
+            "levels": levels,
             "heads": HEADS,
             "channels_per_head": CHANNELS,
             "points": POINTS,
-            "batch": 1,
+            "batch": args.batch,
         },
         "memory_method": (
             "cuda: torch.cuda.max_memory_allocated minus memory_allocated before the call"
@@ -270,17 +294,17 @@ def main():
     header = f"{'case':8} {'dtype':8} {'path':8} {'fwd ms':>9} {'fwd+bwd ms':>10} {'fwd MB':>9} {'fwd+bwd MB':>10}"
     lines = [header, "-" * len(header)]
     for case in args.cases.split(","):
-        queries = CASES[case]
+        queries = queries_of[case]
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            inputs = make_inputs(queries, dtype, device)
+            inputs = make_inputs(queries, dtype, device, levels, args.batch)
             times = time_paths(inputs, device, args.repeat)
             rows = {}
             for impl in IMPLS:
                 if device == "cuda":
                     mem = cuda_memory(inputs, impl)
                 else:
-                    mem = cpu_memory(case, queries, dtype_name, impl, threads)
+                    mem = cpu_memory(case, queries, dtype_name, impl, threads, levels, args.batch)
                 rows[impl] = {
                     "forward_ms": times[(impl, "forward")]["median_ms"],
                     "forward_min_ms": times[(impl, "forward")]["min_ms"],
@@ -315,7 +339,8 @@ def main():
                 **{k: v for k, v in rows.items()},
                 "ratios": ratios,
             }
-            if device == "cpu" and case == "encoder" and dtype_name == "float32":
+            default_shapes = levels == feature_levels(800, 1216) and args.batch == 1
+            if device == "cpu" and case == "encoder" and dtype_name == "float32" and default_shapes:
                 entry["bars"] = {
                     "forward_speedup >= 4": (ratios["forward_speedup"] or 0)
                     >= CPU_BARS["forward_speedup"],

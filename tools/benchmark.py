@@ -4,6 +4,11 @@ implementation with the same weights, measured side by side in one run.
 
     python tools/benchmark.py                              # every model, table + output/benchmark.json
     python tools/benchmark.py --models deformable_detr_r50 --repeat 3 --threads 2
+    python tools/benchmark.py --models deformable_detr_r50 --device cuda --repeat 10
+
+Sizes: --inference-size and --train-size. On ``--device cuda`` each timed run ends with
+``torch.cuda.synchronize()``, memory is also the peak of allocated CUDA memory above what was
+allocated before, and GFLOPs are counted on the CPU before the models move to the GPU.
 
 For each model: GFLOPs (fvcore, one multiply-add = one flop, as the papers count) at 800x1216
 beside the paper's number; inference latency (batch 1, 800x1216) and a training step (forward +
@@ -179,13 +184,43 @@ def peak_rss_increase_mb(fn: Callable[[], None]) -> float:
     return (peak[0] - baseline) / 2**20
 
 
-def measure(fns: Dict[str, Callable[[], None]], repeat: int) -> Dict[str, Dict[str, float]]:
+def synchronized(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``fn`` followed by a wait for the work it queued on ``device``, so that wall-clock time
+    counts the kernels, not only their launches."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def peak_memory_increase_mb(fn: Callable[[], None], device: torch.device) -> Dict[str, float]:
+    """Runs ``fn`` once (its warm-up): the peak resident-memory increase and, on CUDA, the peak of
+    allocated device memory above what was allocated before (MB)."""
+    if device.type != "cuda":
+        return {"peak_rss_increase_mb": peak_rss_increase_mb(fn)}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    rss = peak_rss_increase_mb(fn)
+    cuda = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return {"peak_rss_increase_mb": rss, "peak_cuda_memory_increase_mb": cuda}
+
+
+def measure(
+    fns: Dict[str, Callable[[], None]], repeat: int, device: str = "cpu"
+) -> Dict[str, Dict[str, float]]:
     """Median seconds of each of ``fns`` over ``repeat`` rounds, after one warm-up each (which
     gives the peak memory). Each round runs every function twice in a row, timing the second run,
     the functions in alternating order: a change in the machine's speed during the run (other
     tenants, clock) affects all of them alike, and each timed run finds the allocator as a
     repeated run of the same model leaves it, as in training, not as the other model left it."""
-    results = {name: {"peak_rss_increase_mb": peak_rss_increase_mb(fn)} for name, fn in fns.items()}
+    device = torch.device(device)
+    fns = {name: synchronized(fn, device) for name, fn in fns.items()}
+    results = {name: peak_memory_increase_mb(fn, device) for name, fn in fns.items()}
     times = {name: [] for name in fns}
     for i in range(repeat):
         for name, fn in list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]:
@@ -257,8 +292,21 @@ def gemm_conv_share(fn: Callable[[], None]) -> float:
     return dense / total
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """``HxW`` -> (H, W)."""
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
 # ------------------------------------------------------------------ one model
-def benchmark(name: str, repeat: int) -> Dict:
+def benchmark(
+    name: str,
+    repeat: int,
+    device: str = "cpu",
+    inference_size: tuple[int, int] = (800, 1216),
+    train_size: tuple[int, int] = (512, 512),
+) -> Dict:
+    device = torch.device(device)
     config, hf_builder, arch, paper_gflops = MODELS[name]
     torch.manual_seed(0)
     ours = instantiate(get_config(config).model).eval()
@@ -272,9 +320,13 @@ def benchmark(name: str, repeat: int) -> Dict:
         if trainable_backbone_numel(hf.model.backbone) != trainable_backbone_numel(ours.backbone):
             raise RuntimeError(f"{name}: ours and HF would not train the same backbone parameters")
     g = torch.Generator().manual_seed(0)
-    row = {"model": name, "config": config, "paper_gflops": paper_gflops}
-    image = torch.rand(1, 3, 800, 1216, generator=g)
+    row = {"model": name, "config": config, "paper_gflops": paper_gflops, "device": str(device)}
+    row.update(inference_size=list(inference_size), train_size=list(train_size))
+    image = torch.rand(1, 3, *inference_size, generator=g)
     row["gflops"] = gflops(ours, image)
+    ours.to(device)
+    if hf is not None:
+        hf.to(device)
 
     infer = [{"image": image[0] * 255}]
     inference = {"ours": lambda: ours(infer)}
@@ -282,10 +334,10 @@ def benchmark(name: str, repeat: int) -> Dict:
         pixels, pixel_mask = normalized(ours, infer)
         inference["hf"] = lambda: hf(pixel_values=pixels, pixel_mask=pixel_mask)
     with torch.no_grad():
-        for who, result in measure(inference, repeat).items():
+        for who, result in measure(inference, repeat, device).items():
             row[f"{who}_inference"] = result
 
-    batched = random_targets(2, 512, 512, ours.num_classes, g)
+    batched = random_targets(2, *train_size, ours.num_classes, g)
     ours.train()
 
     def our_step():
@@ -296,15 +348,19 @@ def benchmark(name: str, repeat: int) -> Dict:
     if hf is not None:
         hf.train()
         pixels, pixel_mask = normalized(ours, batched)
-        labels = hf_labels(batched, ours.num_classes)
+        labels = [
+            {k: v.to(device) for k, v in t.items()} for t in hf_labels(batched, ours.num_classes)
+        ]
 
         def hf_step():
             hf(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss.backward()
             hf.zero_grad(set_to_none=True)
 
         train_steps["hf"] = hf_step
-    for who, result in measure(train_steps, repeat).items():
-        row[f"{who}_train_step"] = dict(result, gemm_conv_share=gemm_conv_share(train_steps[who]))
+    for who, result in measure(train_steps, repeat, device).items():
+        # the CPU profile's shares say nothing about where a GPU spends its time
+        share = gemm_conv_share(train_steps[who]) if device.type == "cpu" else None
+        row[f"{who}_train_step"] = dict(result, gemm_conv_share=share)
     if hf is not None:
         row["speedup_inference"] = row["hf_inference"]["seconds"] / row["ours_inference"]["seconds"]
         row["speedup_train_step"] = (
@@ -399,6 +455,9 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GFLOPs are counted on CPU)")
+    parser.add_argument("--inference-size", type=image_size, default=(800, 1216), metavar="HxW")
+    parser.add_argument("--train-size", type=image_size, default=(512, 512), metavar="HxW")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", help="JSON file (default output/benchmark[_TASK].json)")
@@ -420,16 +479,17 @@ def main(argv=None):
         parser.error("config overrides need --config-file")
     rows = []
     for name in args.models:
-        rows.append(benchmark(name, args.repeat))
+        rows.append(benchmark(name, args.repeat, args.device, args.inference_size, args.train_size))
         print(json.dumps(rows[-1], indent=1), flush=True)
     write_json(
         args.output or "output/benchmark.json",
-        {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "rows": rows},
+        {"device": args.device, "threads": args.threads, "torch": torch.__version__, "rows": rows},
     )
 
     def cell(row, key):
         return (
-            f"{row[key]['seconds']:.2f} s / {row[key]['peak_rss_increase_mb']:.0f} MB"
+            f"{row[key]['seconds']:.2f} s / "
+            f"{row[key].get('peak_cuda_memory_increase_mb', row[key]['peak_rss_increase_mb']):.0f} MB"
             if key in row
             else "-"
         )

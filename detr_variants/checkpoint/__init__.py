@@ -1,8 +1,8 @@
-"""Checkpoint loading (allow-listed unpickling, verified downloads, strict where a mismatch would give silently wrong results) and
-converters from official and HF-transformers checkpoints."""
+"""Checkpoint loading (allow-listed unpickling, verified downloads, strict where a mismatch would
+give silently wrong results) and converters from official and HF-transformers checkpoints."""
 
-from . import conditional_detr, deformable_detr, smca, tsp  # noqa: F401  (register their converters)
-from .convert import COCO_THING_IDS, convert_checkpoint, register_converter
+from . import conditional_detr, deformable_detr, detr, smca, tsp  # noqa: F401  (register them)
+from .convert import COCO_THING_IDS, convert_checkpoint, known_converters, register_converter
 from .loading import (
     Checkpointer,
     CheckpointMismatchError,
@@ -25,6 +25,7 @@ __all__ = [
     "COCO_THING_IDS",
     "atomic_torch_save",
     "convert_checkpoint",
+    "known_converters",
     "load_checkpoint_file",
     "load_inference_weights",
     "register_converter",

@@ -8,7 +8,7 @@ the 91 raw category ids → detectron2's 80 contiguous classes.
 """
 
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -111,6 +111,11 @@ def register_converter(source: str, arch: str):
     return wrap
 
 
+def known_converters() -> List[Tuple[str, str]]:
+    """The registered ``(source, arch)`` pairs, sorted."""
+    return sorted(_CONVERTERS)
+
+
 def convert_checkpoint(state_dict: StateDict, source: str, arch: str) -> StateDict:
     """Converts ``state_dict`` from ``source`` (``"official"`` or ``"hf"``) for model ``arch``.
 
@@ -211,6 +216,16 @@ def layer_tables(encoder: Dict[str, str], decoder: Dict[str, str]) -> LayerTarge
         return f"{part}.layers.{index}.{table[module]}.{leaf}" if module in table else None
 
     return target
+
+
+def neck_names(state_dict: StateDict) -> StateDict:
+    """Multi-level models keep their level projections and level embedding in ``neck``
+    (:class:`~detr_variants.modeling.neck.MultiLevelNeck`): ``input_proj.*`` and ``level_embed``
+    → ``neck.input_proj.*`` and ``neck.level_embed``."""
+    return {
+        "neck." + k if k.startswith("input_proj.") or k == "level_embed" else k: v
+        for k, v in state_dict.items()
+    }
 
 
 def raise_unknown(keys: Sequence[str], what: str) -> None:

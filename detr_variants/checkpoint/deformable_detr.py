@@ -13,6 +13,7 @@ from .convert import (
     class_head_rows,
     convert_official_detr_layout,
     layer_tables,
+    neck_names,
     register_converter,
 )
 from .hf_resnet import hf_backbone_name
@@ -99,7 +100,7 @@ def convert_official(state_dict: StateDict) -> StateDict:
         "official Deformable DETR",
         skip=("transformer.decoder.class_embed.",),
     )
-    return {**out, **proposal}
+    return neck_names({**out, **proposal})
 
 
 @register_converter("hf", "deformable_detr")
@@ -140,4 +141,4 @@ def convert_hf(state_dict: StateDict) -> StateDict:
         out[new] = value
     for name, parts in qkv.items():
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
-    return out
+    return neck_names(out)

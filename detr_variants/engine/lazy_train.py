@@ -18,7 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from ..checkpoint import Checkpointer, load_inference_weights
 from .devices import resolve_device
 from .ema import EMAHook, ModelEMA
-from .trainer import SetPredictionTrainer, autocast_dtype, create_ddp_model
+from .trainer import (
+    ReleaseFreedMemory,
+    SetPredictionTrainer,
+    autocast_dtype,
+    create_ddp_model,
+)
 
 logger = logging.getLogger("detr_variants")
 
@@ -214,6 +219,7 @@ def train(cfg, resume: bool = False) -> Dict:
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            ReleaseFreedMemory(),
             EMAHook(ema, model) if ema is not None else None,
             hooks.LRScheduler(
                 scheduler=LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter)

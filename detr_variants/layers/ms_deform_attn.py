@@ -301,6 +301,12 @@ class MultiScaleDeformableAttention(nn.Module):
         # place, also under autograd
         value = self.value_proj(input_flatten.reshape(N * S, -1))
         if input_padding_mask is not None:
+            if input_padding_mask.shape != (N, S) or input_padding_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"input_padding_mask must be a ({N}, {S}) bool tensor (batch, flattened "
+                    f"positions of input_flatten), got {tuple(input_padding_mask.shape)} "
+                    f"{input_padding_mask.dtype}"
+                )
             value.masked_fill_(input_padding_mask.reshape(N * S, 1), 0.0)
         value = value.view(N, S, M, self.embed_dim // M)
         weights = (

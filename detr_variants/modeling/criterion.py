@@ -114,6 +114,7 @@ class SetCriterion(nn.Module):
         if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic targets
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             groups.append(("_enc", outputs["enc_outputs"], agnostic))
+        check_finite_predictions([(suffix, preds) for suffix, preds, _ in groups])
         losses = {}
         for suffix, preds, tgts in groups:
             for name, value in self.losses_for(preds, tgts, num_boxes).items():
@@ -127,6 +128,35 @@ class SetCriterion(nn.Module):
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(n)
         return torch.clamp(n / comm.get_world_size(), min=1).item()
+
+
+# The loss terms each prediction feeds.
+_LOSS_INPUTS = {"pred_logits": ("loss_class",), "pred_boxes": ("loss_bbox", "loss_giou")}
+
+
+def check_finite_predictions(groups: List[Tuple[str, Dict[str, Tensor]]]) -> None:
+    """Raises ``FloatingPointError`` naming every non-finite prediction and the loss terms it
+    feeds, before matching would trip over NaN boxes (the GIoU's xyxy check fails first).
+
+    Args:
+        groups: (loss-name suffix, outputs) pairs: ``""`` for the last layer, ``"_i"`` for
+            ``aux_outputs[i]``, ``"_enc"`` for ``enc_outputs``.
+    """
+    preds = [(suffix, key, out[key]) for suffix, out in groups for key in _LOSS_INPUTS]
+    if torch.stack([t.isfinite().all() for *_, t in preds]).all():  # one sync for all of them
+        return
+    bad = [
+        f"{_output_name(suffix)}{key} ({', '.join(n + suffix for n in _LOSS_INPUTS[key])})"
+        for suffix, key, t in preds
+        if not t.isfinite().all()
+    ]
+    raise FloatingPointError(f"non-finite predictions, the training diverged: {'; '.join(bad)}")
+
+
+def _output_name(suffix: str) -> str:
+    if suffix == "_enc":
+        return "enc_outputs."
+    return f"aux_outputs[{suffix[1:]}]." if suffix else ""
 
 
 def _flat_indices(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:

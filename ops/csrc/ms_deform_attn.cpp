@@ -51,18 +51,26 @@ void ms_deform_attn_check_inputs(const at::Tensor& value, const at::Tensor& spat
               "ms_deform_attn: point counts differ: sampling_locations ", sampling_locations.size(4),
               ", attention_weights ", attention_weights.size(4));
 
-  // The level table is checked against S whenever that needs no device synchronisation.
+  // The level table is checked against S whenever that needs no device synchronisation: the
+  // levels must tile value's S positions in order (what the PyTorch path's split assumes).
   if (spatial_shapes.device().is_cpu() && level_start_index.device().is_cpu()) {
     const int64_t S = value.size(1);
     auto shapes = spatial_shapes.contiguous();
     auto starts = level_start_index.contiguous();
     const int64_t* hw = shapes.data_ptr<int64_t>();
     const int64_t* st = starts.data_ptr<int64_t>();
+    int64_t next = 0;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t H = hw[2 * l], W = hw[2 * l + 1];
-      TORCH_CHECK(H >= 0 && W >= 0 && st[l] >= 0 && st[l] + H * W <= S, "ms_deform_attn: level ", l,
-                  " (H=", H, ", W=", W, ", start=", st[l], ") does not fit in value's S=", S);
+      TORCH_CHECK(H >= 0 && W >= 0, "ms_deform_attn: level ", l, " has a negative size (H=", H,
+                  ", W=", W, ")");
+      TORCH_CHECK(st[l] == next, "ms_deform_attn: level_start_index[", l, "] = ", st[l],
+                  ", but spatial_shapes put level ", l, " at ", next,
+                  " (level_start_index must be the running sum of H*W)");
+      next += H * W;
     }
+    TORCH_CHECK(next == S, "ms_deform_attn: spatial_shapes cover ", next,
+                " positions, but value has S=", S);
   }
 }
 

@@ -5,6 +5,9 @@
 //   h_im = y * H - 0.5,  w_im = x * W - 0.5
 //   the sample is taken only if  -1 < h_im < H  and  -1 < w_im < W,
 //   corners outside the map contribute 0.
+// Non-finite input propagates as it does there: a sample whose location or attention weight is
+// not finite is kept even outside the map (see bilinear_tap), so the output is NaN and the
+// gradients are NaN/0 where F.grid_sample's are.
 //
 // This header is plain C++ (no ATen, no CUDA runtime) so that the CPU kernels can be compiled
 // for several instruction sets and nvcc can use the very same arithmetic on the device.
@@ -37,6 +40,15 @@ inline T msda_floor(T v) {
 }
 #endif
 
+template <typename T>
+MSDA_HOST_DEVICE bool msda_isfinite(T v) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
 // One bilinear sample: the four corners (h_low,w_low), (h_low,w_high), (h_high,w_low),
 // (h_high,w_high) in that order.
 //   offset[k]  element offset of corner k from the level's first position, already multiplied
@@ -51,17 +63,36 @@ struct BilinearTap {
   acc_t lh, lw, hh, hw;
 };
 
-// Returns false when the sample lies entirely outside the map (nothing to read or write, all
-// gradients zero). Otherwise fills `tap`.
+// Returns false when the sample contributes nothing (it lies entirely outside the map, all
+// gradients zero). Otherwise fills `tap`. A sample outside the map whose location (x, y) or
+// attention weight w is not finite still gets a tap, with every corner invalid (reading zeros) and
+// fractional parts v - v along each coordinate (NaN where v is not finite, else 0): the kernels'
+// arithmetic then gives what F.grid_sample and the weighted sum give, i.e. a NaN output, a NaN
+// weight gradient for a non-finite location, location gradients NaN along the other coordinate
+// (or both for a non-finite weight), and no value gradient. The finiteness test runs only on the
+// outside-the-map path; NaN / inf weights of samples inside the map propagate through the sums.
 template <typename acc_t, typename index_t>
-MSDA_HOST_DEVICE bool bilinear_tap(acc_t x, acc_t y, int64_t H, int64_t W, index_t pos_stride,
+MSDA_HOST_DEVICE bool bilinear_tap(acc_t x, acc_t y, acc_t w, int64_t H, int64_t W, index_t pos_stride,
                                    BilinearTap<acc_t, index_t>& tap) {
   const acc_t h_im = y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5);
   const acc_t w_im = x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5);
   // Written so that NaN locations are rejected too.
   if (!(h_im > static_cast<acc_t>(-1) && w_im > static_cast<acc_t>(-1) &&
         h_im < static_cast<acc_t>(H) && w_im < static_cast<acc_t>(W))) {
-    return false;
+    if (msda_isfinite(h_im) && msda_isfinite(w_im) && msda_isfinite(w)) return false;
+    tap.lh = h_im - h_im;
+    tap.lw = w_im - w_im;
+    tap.hh = static_cast<acc_t>(1) - tap.lh;
+    tap.hw = static_cast<acc_t>(1) - tap.lw;
+    tap.w[0] = tap.hh * tap.hw;
+    tap.w[1] = tap.hh * tap.lw;
+    tap.w[2] = tap.lh * tap.hw;
+    tap.w[3] = tap.lh * tap.lw;
+    for (int k = 0; k < 4; ++k) {
+      tap.valid[k] = false;
+      tap.offset[k] = 0;
+    }
+    return true;
   }
   const acc_t h_floor = msda_floor(h_im);
   const acc_t w_floor = msda_floor(w_im);

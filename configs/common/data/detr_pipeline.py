@@ -1,13 +1,14 @@
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
-from detr_variants.data import DetrDatasetMapper, detr_test_augmentations, detr_train_augmentations
+from detr_variants.data import (
+    DetrDatasetMapper,
+    build_resumable_train_loader,
+    detr_test_augmentations,
+    detr_train_augmentations,
+)
 
 
 def detr_dataloader(
@@ -29,7 +30,8 @@ def detr_dataloader(
     crop + resize); test resizes the short side to ``test_min_size``. Images are RGB.
     """
     dataloader = OmegaConf.create()
-    dataloader.train = L(build_detection_train_loader)(
+    # build_detection_train_loader's arguments; the order continues exactly after --resume.
+    dataloader.train = L(build_resumable_train_loader)(
         dataset=L(get_detection_dataset_dicts)(names=train_names, filter_empty=False),
         mapper=L(DetrDatasetMapper)(
             is_train=True,

@@ -2,7 +2,7 @@ from .base import SetPredictionDetector, set_prediction_outputs
 from .conditional_detr import ConditionalDETR
 from .deformable_detr import DeformableDETR
 from .detr import DETR
-from .smca_detr import SMCADETR, MultiScaleSMCADETR
+from .smca_detr import SMCADETR, MultiScaleSMCADETR, ReleasedMultiScaleSMCADETR
 
 __all__ = [
     "SetPredictionDetector",
@@ -12,4 +12,5 @@ __all__ = [
     "ConditionalDETR",
     "SMCADETR",
     "MultiScaleSMCADETR",
+    "ReleasedMultiScaleSMCADETR",
 ]

@@ -8,7 +8,6 @@ which maps padded images and their padding mask to per-layer class logits and bo
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.modeling import Backbone
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
@@ -28,29 +27,6 @@ def set_prediction_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool = True)
             {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
         ]
     return out
-
-
-def project_levels(
-    features: Dict[str, Tensor],
-    masks: Dict[str, Tensor],
-    padding_mask: Tensor,
-    input_proj: nn.ModuleList,
-    in_features: List[str],
-) -> Tuple[List[Tensor], List[Tensor]]:
-    """Feature levels for multi-scale transformers and their padding masks.
-
-    ``in_features`` go through the first projections; every further projection (a stride-2
-    conv) makes one more level, the first from the raw last backbone feature (e.g. C5, as
-    Deformable DETR), the next ones from the previous level.
-    """
-    srcs = [proj(features[f]) for proj, f in zip(input_proj, in_features)]
-    level_masks = [masks[f] for f in in_features]
-    for proj in input_proj[len(in_features) :]:
-        srcs.append(proj(features[in_features[-1]] if len(srcs) == len(in_features) else srcs[-1]))
-        level_masks.append(
-            F.interpolate(padding_mask[None].float(), size=srcs[-1].shape[-2:]).to(torch.bool)[0]
-        )
-    return srcs, level_masks
 
 
 class SetPredictionDetector(nn.Module):

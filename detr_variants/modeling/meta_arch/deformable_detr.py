@@ -18,16 +18,8 @@ from ...layers.deformable_transformer import (
 from ...layers.mlp import MLP
 from ...layers.ms_deform_attn import MultiScaleDeformableAttention
 from ...layers.position_encoding import sine_embed_coordinates
-from .base import SetPredictionDetector, project_levels, set_prediction_outputs
-
-
-def _projection(
-    in_channels: int, hidden_dim: int, kernel_size: int = 1, stride: int = 1
-) -> nn.Sequential:
-    conv = nn.Conv2d(in_channels, hidden_dim, kernel_size, stride=stride, padding=kernel_size // 2)
-    nn.init.xavier_uniform_(conv.weight, gain=1)
-    nn.init.zeros_(conv.bias)
-    return nn.Sequential(conv, nn.GroupNorm(32, hidden_dim))
+from ..neck import MultiLevelNeck
+from .base import SetPredictionDetector, set_prediction_outputs
 
 
 def _class_head(hidden_dim: int, num_classes: int) -> nn.Linear:
@@ -82,18 +74,16 @@ class DeformableDETR(SetPredictionDetector):
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
         self.aux_loss = aux_loss
-        self.position_embedding = position_embedding
         self.encoder = encoder
         self.decoder = decoder
-
-        shapes = self.backbone.output_shape()
-        channels = [shapes[f].channels for f in self.in_features]
-        extra = [
-            _projection(channels[-1] if i == 0 else hidden_dim, hidden_dim, 3, 2)
-            for i in range(num_feature_levels - len(channels))
-        ]
-        self.input_proj = nn.ModuleList([_projection(c, hidden_dim) for c in channels] + extra)
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+        self.neck = MultiLevelNeck(
+            input_shapes=self.backbone.output_shape(),
+            in_features=self.in_features,
+            hidden_dim=hidden_dim,
+            num_levels=num_feature_levels,
+            position_embedding=position_embedding,
+            norm="GN",
+        )
         if two_stage:
             self.enc_output = nn.Linear(hidden_dim, hidden_dim)
             self.enc_output_norm = nn.LayerNorm(hidden_dim)
@@ -136,19 +126,11 @@ class DeformableDETR(SetPredictionDetector):
         if not self.two_stage:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
-        nn.init.normal_(self.level_embed)
+        nn.init.normal_(self.neck.level_embed)
 
     def multi_level_features(self, images, padding_mask):
         """Projected feature maps of every level with their masks and position encodings."""
-        features, masks = self.backbone_features(images, padding_mask)
-        srcs, level_masks = project_levels(
-            features, masks, padding_mask, self.input_proj, self.in_features
-        )
-        pos = [
-            self.position_embedding(m).to(s.dtype) + e.view(1, -1, 1, 1)
-            for m, s, e in zip(level_masks, srcs, self.level_embed)
-        ]
-        return srcs, level_masks, pos
+        return self.neck(*self.backbone_features(images, padding_mask), padding_mask)
 
     def compute_outputs(self, images, padding_mask) -> Dict:
         srcs, masks, pos = self.multi_level_features(images, padding_mask)

@@ -1,7 +1,7 @@
 """DETR (Carion et al. 2020): the baseline every fast-converging variant is measured against."""
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
@@ -22,7 +22,8 @@ class DETR(SetPredictionDetector):
     Args:
         encoder, decoder: :class:`TransformerEncoder` / :class:`TransformerDecoder`.
         position_embedding: maps the padding mask to (B, hidden_dim, H, W).
-        in_feature: the backbone output the transformer reads (``"res5"``).
+        in_feature: the backbone output the transformer reads (``"res5"``); None for a
+            multi-level subclass that projects the backbone levels with its own neck.
         **kwargs: :class:`SetPredictionDetector` arguments; ``classification`` is
             ``"softmax"`` (classes + no-object, the default) or ``"sigmoid"`` (one focal-loss
             logit per class, initialised to the prior 0.01, as the fast-converging variants).
@@ -38,16 +39,17 @@ class DETR(SetPredictionDetector):
         position_embedding: nn.Module,
         num_queries: int = 100,
         hidden_dim: int = 256,
-        in_feature: str = "res5",
+        in_feature: Optional[str] = "res5",
         aux_loss: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.in_feature = in_feature
         self.aux_loss = aux_loss
-        self.input_proj = nn.Conv2d(
-            self.backbone.output_shape()[in_feature].channels, hidden_dim, 1
-        )
+        if in_feature is not None:
+            self.input_proj = nn.Conv2d(
+                self.backbone.output_shape()[in_feature].channels, hidden_dim, 1
+            )
         self.position_embedding = position_embedding
         self.encoder = encoder
         self.decoder = decoder
@@ -62,6 +64,8 @@ class DETR(SetPredictionDetector):
 
     def encode(self, images, padding_mask) -> Tuple[Tensor, Tensor, Tensor]:
         """Encoder memory (B, HW, C), its position encoding and its padding mask (B, HW)."""
+        if self.in_feature is None:
+            raise NotImplementedError("a multi-level subclass encodes its neck's levels itself")
         features, masks = self.backbone_features(images, padding_mask)
         src = self.input_proj(features[self.in_feature])
         mask = masks[self.in_feature]

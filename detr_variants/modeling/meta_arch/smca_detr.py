@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from ...layers.deformable_transformer import flatten_levels
 from ...layers.smca_attention import SMCADecoder, SpatialModulation
-from .base import project_levels, set_prediction_outputs
+from ..neck import MultiLevelNeck
+from .base import set_prediction_outputs
 from .detr import DETR
 
 
@@ -115,6 +116,10 @@ class MultiScaleSMCADETR(SMCADETR):
     Args:
         in_features: backbone outputs used as levels (``["res4", "res5"]``).
         num_feature_levels: levels in all (3: strides 16, 32, 64).
+        level_embed: add a learned embedding per level to its position encoding.
+        extra_mask_source: padding masks of the extra levels resized from the image's
+            (``"image"``) or from the previous level's (``"previous"``, as released); see
+            :class:`~detr_variants.modeling.neck.MultiLevelNeck`.
         encoder: a :class:`~detr_variants.layers.smca_attention.MultiScaleEncoder`.
         decoder: an :class:`SMCADecoder` whose layers have ``num_levels=num_feature_levels``.
         **kwargs: :class:`SMCADETR` / :class:`DETR` arguments.
@@ -126,52 +131,34 @@ class MultiScaleSMCADETR(SMCADETR):
         in_features: Sequence[str] = ("res4", "res5"),
         num_feature_levels: int = 3,
         level_embed: bool = True,
+        extra_mask_source: str = "image",
         hidden_dim: int = 256,
         **kwargs,
     ):
-        in_features = list(in_features)
-        if num_feature_levels < len(in_features):
-            raise ValueError("num_feature_levels must be at least len(in_features)")
-        super().__init__(in_feature=in_features[-1], hidden_dim=hidden_dim, **kwargs)
-        self.in_features = in_features
+        super().__init__(in_feature=None, hidden_dim=hidden_dim, **kwargs)
+        self.in_features = list(in_features)
         self.num_feature_levels = num_feature_levels
-        shapes = self.backbone.output_shape()
-        last = shapes[in_features[-1]]
-        extra = [
-            nn.Conv2d(last.channels if i == 0 else hidden_dim, hidden_dim, 3, stride=2, padding=1)
-            for i in range(num_feature_levels - len(in_features))
-        ]
-        self.input_proj = nn.ModuleList(
-            [nn.Conv2d(shapes[f].channels, hidden_dim, 1) for f in in_features] + extra
+        self.neck = MultiLevelNeck(
+            input_shapes=self.backbone.output_shape(),
+            in_features=self.in_features,
+            hidden_dim=hidden_dim,
+            num_levels=num_feature_levels,
+            position_embedding=self.position_embedding,
+            level_embed=level_embed,
+            extra_mask_source=extra_mask_source,
+            xavier_init=False,
         )
-        self._strides = [shapes[f].stride for f in in_features]
-        self._strides += [last.stride * 2 ** (i + 1) for i in range(len(extra))]
-        if level_embed:
-            self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
-            nn.init.normal_(self.level_embed)
-        else:
-            self.level_embed = None
         self._check_levels(num_feature_levels)
 
     @property
     def strides(self) -> List[int]:
-        return list(self._strides)
+        return list(self.neck.strides)
 
     def multi_level_features(
         self, images, padding_mask
     ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """Projected maps of every level, their padding masks and position encodings."""
-        features, masks = self.backbone_features(images, padding_mask)
-        srcs, level_masks = project_levels(
-            features, masks, padding_mask, self.input_proj, self.in_features
-        )
-        pos = []
-        for lvl, (m, s) in enumerate(zip(level_masks, srcs)):
-            p = self.position_embedding(m).to(s.dtype)
-            pos.append(
-                p if self.level_embed is None else p + self.level_embed[lvl].view(1, -1, 1, 1)
-            )
-        return srcs, level_masks, pos
+        return self.neck(*self.backbone_features(images, padding_mask), padding_mask)
 
     def encode_levels(self, images, padding_mask):
         srcs, masks, pos = self.multi_level_features(images, padding_mask)
@@ -183,3 +170,55 @@ class MultiScaleSMCADETR(SMCADETR):
     def encode(self, images, padding_mask) -> Tuple[Tensor, Tensor, Tensor]:
         """Memory of all levels concatenated (B, S, C), its position encoding and padding mask."""
         return self.encode_levels(images, padding_mask)[:3]
+
+
+@META_ARCH_REGISTRY.register()
+class ReleasedMultiScaleSMCADETR(MultiScaleSMCADETR):
+    """The released multi-scale SMCA (``Multi_scale_SMCA.zip``, "New multi scale": 44.4 AP R50,
+    45.7 AP R101 at 50 epochs), a different architecture from the paper's
+    (:class:`MultiScaleSMCADETR`).
+
+    Differences from :class:`MultiScaleSMCADETR`:
+
+    - levels C3, C4, C5 (1×1 convs) and P6 (3×3 stride-2 conv on raw C5), no norm; P6's padding
+      mask is C5's resized (``extra_mask_source="previous"``);
+    - the encoder is a :class:`~detr_variants.layers.smca_conv_encoder.CrossScaleConvEncoder`
+      (depthwise convolutions with a cross-scale exchange, no self-attention);
+    - before the decoder, ``memory_downsample`` (3×3 stride-2 conv, released ``transformer.conv``)
+      takes the stride-8 memory to stride 16; the decoder reads the levels
+      [conv'd C3, C4, C5, P6] at strides 16, 16, 32, 64, the conv'd level with C4's padding mask
+      and position encoding (C4's level embedding included);
+    - the decoder's Gaussians use distance factors 0.5, 0.5, 1, 2 per level (its config).
+
+    Scale selection: every image uses its own weights ``softmax(point4(·))``. The released
+    ``multi_head_attention_forward`` reads batch element 0's weights (``scale_attention[:, 0, l]``)
+    for every image of the batch; with one image per device (the released runs:
+    ``--batch_size 1``) the two are the same, above that the released code mixes images.
+    """
+
+    def __init__(self, *, in_features: Sequence[str] = ("res3", "res4", "res5"), **kwargs):
+        if len(in_features) < 2:
+            raise ValueError("the stride-2 conv on the finest memory needs a second backbone level")
+        super().__init__(in_features=in_features, **kwargs)
+        hidden_dim = self.query_embed.weight.shape[1]
+        # PyTorch's default init: the release creates it after the transformer's xavier init
+        self.memory_downsample = nn.Conv2d(hidden_dim, hidden_dim, 3, stride=2, padding=1)
+
+    @property
+    def strides(self) -> List[int]:
+        """The decoder's level strides: the conv'd finest level takes the second's (16)."""
+        strides = self.neck.strides
+        return [strides[1]] + strides[1:]
+
+    def encode_levels(self, images, padding_mask):
+        srcs, masks, pos = self.multi_level_features(images, padding_mask)
+        encoded = self.encoder(srcs, pos)
+        memory = [self.memory_downsample(encoded[0])] + list(encoded[1:])
+        if memory[0].shape[-2:] != memory[1].shape[-2:]:
+            raise ValueError(
+                f"the stride-2 conv of the finest memory gives {tuple(memory[0].shape[-2:])}, "
+                f"the next level is {tuple(memory[1].shape[-2:])}"
+            )
+        masks, pos = [masks[1]] + masks[1:], [pos[1]] + pos[1:]
+        spatial_shapes = [tuple(m.shape[-2:]) for m in memory]
+        return flatten_levels(memory), flatten_levels(pos), flatten_levels(masks), spatial_shapes

@@ -62,7 +62,7 @@ struct FwdTap {
   scalar_t w[4];
 };
 
-// Computes the taps of query row `idx` (all heads), skipping samples outside the map.
+// Computes the taps of query row `idx` (all heads), skipping samples that contribute nothing.
 // head_end[m] = one past the last tap of head m. Returns the number of taps.
 template <typename scalar_t>
 static inline int64_t forward_taps(const FwdArgs& a, int64_t idx, int64_t pos_stride, int64_t D,
@@ -80,9 +80,9 @@ static inline int64_t forward_taps(const FwdArgs& a, int64_t idx, int64_t pos_st
       const int64_t H = a.spatial[2 * l], W = a.spatial[2 * l + 1];
       const scalar_t* vbase = value_n + a.level_start[l] * pos_stride + m * D;
       for (int64_t p = 0; p < P; ++p, loc_p += 2, ++attn_p) {
-        msda::BilinearTap<scalar_t, int64_t> t;
-        if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], H, W, pos_stride, t)) continue;
         const scalar_t w = *attn_p;
+        msda::BilinearTap<scalar_t, int64_t> t;
+        if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], w, H, W, pos_stride, t)) continue;
         FwdTap<scalar_t>& tap = taps[count++];
         for (int k = 0; k < 4; ++k) {
           tap.v[k] = t.valid[k] ? vbase + t.offset[k] : zeros;
@@ -173,8 +173,8 @@ struct BwdTap {
   scalar_t* gattn;
 };
 
-// Taps of query row q of head m (batch n); samples outside the map get zero gradients here and
-// no tap. Returns the number of taps.
+// Taps of query row q of head m (batch n); samples that contribute nothing get zero gradients
+// here and no tap. Returns the number of taps.
 template <typename scalar_t>
 static inline int64_t backward_taps(const BwdArgs& a, int64_t n, int64_t m, int64_t q, int64_t pos_stride,
                                     const scalar_t* value_nm, scalar_t* gv_nm, const scalar_t* loc,
@@ -192,7 +192,7 @@ static inline int64_t backward_taps(const BwdArgs& a, int64_t n, int64_t m, int6
     const int64_t start = a.level_start[l] * pos_stride;
     for (int64_t p = 0; p < P; ++p, loc_p += 2, ++attn_p, gloc_p += 2, ++gattn_p) {
       msda::BilinearTap<scalar_t, int64_t> t;
-      if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], H, W, pos_stride, t)) {
+      if (!msda::bilinear_tap<scalar_t, int64_t>(loc_p[0], loc_p[1], *attn_p, H, W, pos_stride, t)) {
         gloc_p[0] = scalar_t(0);
         gloc_p[1] = scalar_t(0);
         *gattn_p = scalar_t(0);

@@ -136,20 +136,24 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t H = s_levels[3 * l], W = s_levels[3 * l + 1];
       const scalar_t* vbase = value_nm + s_levels[3 * l + 2] * pos_stride;
       for (int64_t p = 0; p < P; ++p, loc_p += 2, ++attn_p) {
+        const acc_t w = static_cast<acc_t>(*attn_p);
         msda::BilinearTap<acc_t, int64_t> tap;
-        if (!msda::bilinear_tap<acc_t, int64_t>(static_cast<acc_t>(loc_p[0]), static_cast<acc_t>(loc_p[1]), H, W,
-                                                pos_stride, tap)) {
+        if (!msda::bilinear_tap<acc_t, int64_t>(static_cast<acc_t>(loc_p[0]), static_cast<acc_t>(loc_p[1]), w, H,
+                                                W, pos_stride, tap)) {
           continue;
         }
-        const acc_t w = static_cast<acc_t>(*attn_p);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
+          const acc_t wk = w * tap.w[k];
           if (tap.valid[k]) {
             acc_t v[VEC];
             load_pack<scalar_t, acc_t, VEC>(vbase + tap.offset[k], v);
-            const acc_t wk = w * tap.w[k];
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc[i] += wk * v[i];
+          } else {
+            // a corner outside the map reads zero, as on the CPU: NaN stays NaN (wk * 0)
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] += wk * acc_t(0);
           }
         }
       }
@@ -213,7 +217,8 @@ __global__ void __launch_bounds__(kThreads)
         if (active) {
           w = static_cast<acc_t>(attn_p[lp]);
           inside = msda::bilinear_tap<acc_t, int64_t>(static_cast<acc_t>(loc_p[2 * lp]),
-                                                      static_cast<acc_t>(loc_p[2 * lp + 1]), H, W, pos_stride, tap);
+                                                      static_cast<acc_t>(loc_p[2 * lp + 1]), w, H, W, pos_stride,
+                                                      tap);
         }
         if (inside) {
           for (int64_t cg = g; cg < G; cg += GW) {
