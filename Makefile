@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup lint format test demo bench cuda-check gpu-check clean
+.PHONY: setup lint typecheck format test demo bench cuda-check gpu-check clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -11,6 +11,10 @@ setup:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy on detr_variants/layers and detr_variants/modeling (the files and options: pyproject.toml)
+typecheck: setup
+	$(VENV)/bin/mypy
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

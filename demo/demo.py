@@ -30,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 from predictor import VisualizationDemo  # demo/predictor.py, next to this script
 
 import detr_variants  # noqa: F401  (registers the meta-architectures and datasets)
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 
 logger = logging.getLogger("detr_variants.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

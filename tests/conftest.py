@@ -52,7 +52,7 @@ def tiny_shapes(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(tiny_shapes, tmp_path):
     """detr_r18_synthetic shrunk to seconds per run on the tiny dataset."""
-    from detr_variants.engine.train_loop import apply_overrides
+    from detr_variants.engine.lazy_train import apply_overrides
     from detr_variants.model_zoo import get_config
 
     cfg = get_config("detr/detr_r18_synthetic")

@@ -16,9 +16,26 @@ def image_input(h, w, boxes=(), classes=(), seed=0, with_instances=True):
     return x
 
 
+def build_tiny(config_name, *overrides, seed=0, **model_fields):
+    """The model of a packaged config (e.g. ``"detr/detr_r18_synthetic"``), seeded with ``seed``.
+
+    ``overrides`` are command-line ``"key=value"`` strings (as ``tools/train_net.py`` takes);
+    ``model_fields`` replace top-level ``cfg.model`` entries by objects, e.g. a ``LazyCall``.
+    """
+    from detectron2.config import instantiate
+
+    from detr_variants.engine.lazy_train import apply_overrides
+    from detr_variants.model_zoo import get_config
+
+    cfg = apply_overrides(get_config(config_name), list(overrides))
+    cfg.model.update(model_fields)
+    torch.manual_seed(seed)
+    return instantiate(cfg.model)
+
+
 def tiny_config(cfg):
-    """Shrinks an experiment config's transformer so a CPU step takes well under a second."""
-    from detr_variants.engine.train_loop import apply_overrides
+    """Shrinks an experiment config's backbone so a CPU step takes well under a second."""
+    from detr_variants.engine.lazy_train import apply_overrides
 
     return apply_overrides(
         cfg, ["model.backbone.depth=18", "model.backbone.norm=BN", "model.backbone.freeze_at=0"]
@@ -52,7 +69,7 @@ def train_and_evaluate_tiny(cfg, output_dir):
     """Two iterations through the engine, then COCO evaluation; checks both really happened."""
     import os
 
-    from detr_variants.engine.train_loop import train
+    from detr_variants.engine.lazy_train import train
 
     cfg.train.update(max_iter=2, eval_period=0)
     cfg.dataloader.evaluator.output_dir = os.path.join(str(output_dir), "inference")
@@ -64,13 +81,16 @@ def train_and_evaluate_tiny(cfg, output_dir):
 
 
 def set_prediction_train_step(model, batch):
-    """Runs one training step and checks the losses: class/L1/GIoU of the last decoder layer and
-    of every auxiliary layer (``_0`` ...), finite; backpropagates their sum. Returns the losses."""
+    """Runs one training step and checks the losses: class/L1/GIoU of the last decoder layer, of
+    every auxiliary layer (``_0`` ...) and, for a two-stage model, of the proposals (``_enc``),
+    all finite; backpropagates their sum. Returns the losses."""
     model.train()
     losses = model(batch)
     n = len(model.decoder.layers)
     names = ("loss_class", "loss_bbox", "loss_giou")
-    assert set(names) | {f"{name}_{i}" for name in names for i in range(n - 1)} == set(losses)
+    suffixes = ["", *(f"_{i}" for i in range(n - 1))]
+    suffixes += ["_enc"] if getattr(model, "two_stage", False) else []
+    assert {name + suffix for name in names for suffix in suffixes} == set(losses)
     total = sum(losses.values())
     assert torch.isfinite(total)
     model.zero_grad()

@@ -24,7 +24,7 @@ from detr_variants.checkpoint import (
     safe_load,
 )
 from detr_variants.engine import DefaultPredictor
-from detr_variants.engine.train_loop import evaluate, train
+from detr_variants.engine.lazy_train import evaluate, train
 from detr_variants.model_zoo import get
 
 

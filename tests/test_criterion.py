@@ -28,7 +28,7 @@ def test_ce_l1_giou_by_hand():
     crit = SetCriterion(
         num_classes=2,
         matcher=FixedMatcher(),
-        class_loss="ce",
+        classification="softmax",
         eos_coef=0.1,
         weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
     )
@@ -52,7 +52,7 @@ def test_focal_by_hand_and_num_boxes_clamp():
     crit = SetCriterion(
         num_classes=2,
         matcher=FixedMatcher(),
-        class_loss="focal",
+        classification="sigmoid",
         weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
     )
     losses = crit(outputs, targets)

@@ -22,7 +22,7 @@ from detr_variants.data import (
     scaled_detr_test_augmentations,
     scaled_detr_train_augmentations,
 )
-from detr_variants.engine.train_loop import apply_overrides, build_train_loader, evaluate
+from detr_variants.engine.lazy_train import apply_overrides, build_train_loader, evaluate
 from detr_variants.model_zoo import get_config
 from helpers import tiny_config, write_small_coco
 

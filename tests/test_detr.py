@@ -23,10 +23,12 @@ from detr_variants.model_zoo import get_config
 from detr_variants.modeling import DETR, HungarianMatcher, SetCriterion, make_resnet
 from helpers import (
     assert_class_scores_follow_official_rows,
+    build_tiny,
     distinguishable_class_head,
     image_input,
     official_coco_rows,
     randomise_,
+    set_prediction_train_step,
 )
 
 
@@ -44,19 +46,12 @@ class PatchBackbone(Backbone):
         return {"res5": ShapeSpec(channels=64, stride=32)}
 
 
-def build(backbone=None):
-    cfg = get_config("detr/detr_r18_synthetic")
-    cfg.model.encoder.num_layers = 2
-    cfg.model.decoder.num_layers = 2
-    if backbone is not None:
-        cfg.model.backbone = backbone
-    torch.manual_seed(0)
-    return instantiate(cfg.model)
+TWO_LAYERS = ("model.encoder.num_layers=2", "model.decoder.num_layers=2")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build()
+    return build_tiny("detr/detr_r18_synthetic", *TWO_LAYERS)
 
 
 def test_registered_and_official_head_sizes(model):
@@ -68,17 +63,11 @@ def test_registered_and_official_head_sizes(model):
 
 
 def test_train_step_gives_finite_losses_and_gradients(model):
-    model.train()
     batch = [
         image_input(96, 128, [[10, 10, 60, 50], [30, 40, 90, 90]], [1, 4], seed=0),
         image_input(80, 100, [], [], seed=1),
     ]  # an image without objects
-    losses = model(batch)
-    assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0", "loss_giou_0"} <= set(losses)
-    total = sum(losses.values())
-    assert torch.isfinite(total)
-    model.zero_grad()
-    total.backward()
+    set_prediction_train_step(model, batch)
     assert model.class_embed.weight.grad.abs().sum() > 0
     assert model.backbone.stem.conv1.weight.grad.abs().sum() > 0
 
@@ -103,7 +92,7 @@ def test_results_do_not_depend_on_batch_composition():
     with image sides at multiples of its stride isolates what this checks: the transformer
     ignores padded tokens.
     """
-    model = build(L(PatchBackbone)()).eval()
+    model = build_tiny("detr/detr_r18_synthetic", *TWO_LAYERS, backbone=L(PatchBackbone)()).eval()
     small = image_input(64, 96, with_instances=False, seed=3)
     large = image_input(128, 160, with_instances=False, seed=4)
     with torch.no_grad():
@@ -124,6 +113,31 @@ def test_gt_class_outside_the_model_range_is_an_error(model):
     model.train()
     with pytest.raises(ValueError, match="num_classes"):
         model([image_input(64, 64, [[1, 1, 30, 30]], [model.num_classes])])
+
+
+@pytest.mark.parametrize(
+    "config, value",
+    [("detr/detr_r50_500ep", "sigmoid"), ("deformable_detr/deformable_detr_r50_50ep", "softmax")],
+)
+def test_one_classification_override_switches_head_loss_and_matching(config, value):
+    from detr_variants.engine.lazy_train import apply_overrides
+
+    cfg = apply_overrides(get_config(config), [f"model.classification={value}"])
+    assert cfg.model.criterion.classification == value
+    assert cfg.model.criterion.matcher.classification == value
+
+
+def test_sigmoid_detr_has_one_logit_per_class_and_a_variant_rejects_what_it_lacks():
+    cfg = get_config("detr/detr_r18_synthetic")
+    cfg.model.update(classification="sigmoid", num_queries=4)
+    cfg.model.encoder.num_layers = cfg.model.decoder.num_layers = 1
+    model = instantiate(cfg.model)
+    assert model.class_embed.out_features == model.num_classes  # no no-object column
+    assert model.criterion.classification == model.criterion.matcher.classification == "sigmoid"
+    cfg = get_config("conditional_detr/conditional_detr_r18_synthetic")
+    cfg.model.classification = "softmax"
+    with pytest.raises(ValueError, match="classification must be one of \\['sigmoid'\\]"):
+        instantiate(cfg.model)
 
 
 # ------------------------------------------------------------------ configs of the releases
@@ -203,10 +217,10 @@ def ours_like_hf_detr():
         criterion=SetCriterion(
             num_classes=80,
             matcher=HungarianMatcher(
-                cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="softmax"
+                cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, classification="softmax"
             ),
             weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
-            class_loss="ce",
+            classification="softmax",
             eos_coef=0.1,
         ),
         pixel_mean=[0.0, 0.0, 0.0],

@@ -9,7 +9,7 @@ import torch
 
 from detr_variants.checkpoint import CheckpointMismatchError
 from detr_variants.engine import DefaultPredictor, ModelEMA, param_groups
-from detr_variants.engine.train_loop import apply_overrides, resolve_max_iter, train
+from detr_variants.engine.lazy_train import apply_overrides, resolve_max_iter, train
 from detr_variants.engine.trainer import SetPredictionTrainer
 
 

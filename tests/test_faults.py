@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from detr_variants.engine.train_loop import train
+from detr_variants.engine.lazy_train import train
 from detr_variants.engine.trainer import SetPredictionTrainer
 from detr_variants.modeling.criterion import check_finite_predictions
 

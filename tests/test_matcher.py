@@ -25,7 +25,7 @@ def _random_problem(b, q, c, sizes, seed):
 
 def _cost_by_hand(matcher, logits, boxes, target):
     """The cost of one image, written independently of the batched implementation."""
-    if matcher.class_cost_type == "softmax":
+    if matcher.classification == "softmax":
         cost_class = -logits.softmax(-1)[:, target["labels"]]
     else:
         cost_class = focal_class_cost(logits, target["labels"])
@@ -38,11 +38,11 @@ def _cost_by_hand(matcher, logits, boxes, target):
     )
 
 
-@pytest.mark.parametrize("class_cost_type", ["softmax", "focal"])
+@pytest.mark.parametrize("classification", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("seed", range(5))
-def test_matches_brute_force_optimum(class_cost_type, seed):
+def test_matches_brute_force_optimum(classification, seed):
     matcher = HungarianMatcher(
-        cost_class=2, cost_bbox=5, cost_giou=2, class_cost_type=class_cost_type
+        cost_class=2, cost_bbox=5, cost_giou=2, classification=classification
     )
     sizes = [3, 0, 4, 1]
     outputs, targets = _random_problem(len(sizes), 6, 5, sizes, seed)

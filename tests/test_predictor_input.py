@@ -14,7 +14,7 @@ from detr_variants.engine import DefaultPredictor
 @pytest.fixture(scope="module")
 def predictor_and_image(tmp_path_factory):
     """An untrained tiny DETR (input handling needs no trained weights) and a BGR image file."""
-    from detr_variants.engine.train_loop import apply_overrides
+    from detr_variants.engine.lazy_train import apply_overrides
     from detr_variants.model_zoo import get_config
     from helpers import tiny_run_overrides
 

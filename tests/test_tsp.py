@@ -19,18 +19,18 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from torch import nn
 
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
-from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
-from detr_variants.engine.train_loop import (
+from detr_variants.engine.lazy_train import (
     apply_overrides,
     clip_parameters,
     resolve_max_iter,
     train,
 )
+from detr_variants.engine.optim import HybridOptimizer, hybrid_param_groups
 from detr_variants.engine.trainer import SetPredictionTrainer
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.matcher import RestrictedMatcher, restricted_match
 from detr_variants.modeling.tsp import fcos_assignment, random_keep_count, roi_position_encoding
-from helpers import image_input
+from helpers import build_tiny, image_input, tiny_run_overrides
 
 SYNTHETIC = ["tsp/tsp_fcos_r18_synthetic", "tsp/tsp_rcnn_r18_synthetic"]
 RECIPES = [
@@ -48,8 +48,7 @@ def small_model(name, *overrides, seed=0):
         if "fcos" in name
         else "model.roi_heads.box_head.encoder.num_layers=1"
     )
-    torch.manual_seed(seed)
-    return instantiate(apply_overrides(get_config(name), [layers, *overrides]).model)
+    return build_tiny(name, layers, *overrides, seed=seed)
 
 
 def criterion_inputs(model, batch):
@@ -670,21 +669,9 @@ def test_training_loop_with_the_hybrid_optimizer_checkpoints_and_resumes(tiny_sh
         [
             "model.encoder.num_layers=1",
             "model.num_fois=50",
-            "dataloader.train.dataset.names=tiny_shapes_train",
-            "dataloader.test.dataset.names=tiny_shapes_val",
-            "dataloader.train.total_batch_size=2",
-            "dataloader.train.num_workers=0",
-            "dataloader.test.num_workers=0",
-            "dataloader.train.mapper.augmentations.min_sizes=[64]",
-            "dataloader.train.mapper.augmentations.max_size=96",
-            "dataloader.train.mapper.augmentations.crop_resize_sizes=[64]",
-            "dataloader.train.mapper.augmentations.crop_size=[48,64]",
-            f"train.output_dir={tmp_path}",
+            *tiny_run_overrides(tmp_path),
             "train.max_iter=2",
-            "train.log_period=1",
-            "train.eval_period=-1",
             "train.checkpointer.period=1",
-            "train.seed=0",
         ],
     )
     train(cfg)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from detectron2.config import instantiate
 
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.layers.box_ops import box_cxcywh_to_xyxy
 from detr_variants.layers.smca_attention import gaussian_log_prior
 from detr_variants.model_zoo import config_path, get_config

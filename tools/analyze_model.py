@@ -29,7 +29,7 @@ from fvcore.nn import flop_count_table, parameter_count, parameter_count_table
 import detr_variants  # noqa: F401  (registers the meta-architectures and datasets)
 from detr_variants.checkpoint import Checkpointer
 from detr_variants.engine import resolve_device
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.utils.analysis import activation_counts, flop_count_analysis
 
 logger = logging.getLogger("detr_variants")

@@ -52,7 +52,7 @@ from detectron2.utils.events import EventStorage
 import detr_variants  # noqa: F401
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
 from detr_variants.engine import SetPredictionTrainer, autocast_dtype
-from detr_variants.engine.train_loop import (
+from detr_variants.engine.lazy_train import (
     apply_overrides,
     build_model,
     build_train_loader,

@@ -30,7 +30,7 @@ import torch
 from detectron2.config import instantiate
 
 from detr_variants.checkpoint import COCO_THING_IDS, convert_checkpoint
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.model_zoo import get_config
 
 # official transformer module, --enc_layers, overrides of our R50 config

@@ -24,7 +24,7 @@ from detectron2.utils.visualizer import Visualizer
 
 import detr_variants  # noqa: F401  (registers datasets and models)
 from detr_variants.engine import DefaultPredictor
-from detr_variants.engine.train_loop import apply_overrides, train
+from detr_variants.engine.lazy_train import apply_overrides, train
 from detr_variants.model_zoo import get_config
 
 DEFAULT_DEMO_CONFIG = "deformable_detr/deformable_detr_r18_synthetic"

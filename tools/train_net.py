@@ -27,7 +27,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import detr_variants  # noqa: F401  (registers the meta-architectures and datasets)
-from detr_variants.engine.train_loop import apply_overrides, evaluate, train
+from detr_variants.engine.lazy_train import apply_overrides, evaluate, train
 
 logger = logging.getLogger("detr_variants")
 

@@ -26,7 +26,7 @@ from detectron2.utils.visualizer import Visualizer
 
 import detr_variants  # noqa: F401  (registers the datasets)
 from detr_variants.data.image_io import read_image
-from detr_variants.engine.train_loop import apply_overrides, build_train_loader
+from detr_variants.engine.lazy_train import apply_overrides, build_train_loader
 
 logger = logging.getLogger("detr_variants")
 

@@ -1,5 +1,5 @@
 # Training defaults shared by every experiment (overridden per experiment / on the command line).
-from detr_variants.engine.defaults import resolve_device
+from detr_variants.engine.devices import resolve_device
 
 train = dict(
     output_dir="./output",

@@ -1,4 +1,4 @@
-from .defaults import resolve_device
+from .devices import resolve_device
 from .ema import EMAHook, ModelEMA
 from .optim import param_groups
 from .predictor import DefaultPredictor

@@ -11,7 +11,7 @@ from detectron2.data import transforms as T
 
 from ..checkpoint import load_inference_weights
 from ..data.image_io import SUPPORTED_FORMATS, read_image
-from .defaults import resolve_device
+from .devices import resolve_device
 
 
 class DefaultPredictor:

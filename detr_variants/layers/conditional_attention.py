@@ -8,7 +8,7 @@ decoder embedding f (conditional spatial query prediction). Names and
 behaviour follow the official code (``models/transformer.py``, ``models/attention.py``).
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -97,6 +97,19 @@ class ConditionalDecoderLayer(nn.Module):
     and the content key the projected key position, as in DETR.
     """
 
+    # the projections, made in a loop below
+    sa_qcontent_proj: nn.Linear
+    sa_qpos_proj: nn.Linear
+    sa_kcontent_proj: nn.Linear
+    sa_kpos_proj: nn.Linear
+    sa_v_proj: nn.Linear
+    ca_qcontent_proj: nn.Linear
+    ca_qpos_proj: Optional[nn.Linear]  # None after the first decoder layer
+    ca_kcontent_proj: nn.Linear
+    ca_kpos_proj: nn.Linear
+    ca_v_proj: nn.Linear
+    ca_qpos_sine_proj: nn.Linear
+
     def __init__(
         self,
         d_model: int = 256,
@@ -182,7 +195,7 @@ class ConditionalDecoder(nn.Module):
         super().__init__()
         self.layers = clone_layers(layer, num_layers)
         for later in list(self.layers)[1:]:
-            later.ca_qpos_proj = None
+            cast(ConditionalDecoderLayer, later).ca_qpos_proj = None
         self.norm = nn.Identity() if norm is None else norm
         d = layer.d_model
         self.query_scale = MLP(d, d, d, 2)

@@ -1,4 +1,4 @@
-from typing import List
+from typing import List, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,6 +11,11 @@ class MLP(nn.Module):
         super().__init__()
         dims: List[int] = [input_dim] + [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The last Linear (variants initialise it specially)."""
+        return cast(nn.Linear, self.layers[-1])
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):

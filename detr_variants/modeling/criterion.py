@@ -8,6 +8,7 @@ from detectron2.utils import comm
 from torch import Tensor, nn
 
 from ..layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .classification import check_classification
 
 
 def sigmoid_focal_loss(
@@ -37,9 +38,12 @@ class SetCriterion(nn.Module):
         num_classes: foreground classes (detectron2 contiguous ids).
         matcher: e.g. :class:`HungarianMatcher`.
         weight_dict: weights of ``loss_class``, ``loss_bbox`` and ``loss_giou``.
-        class_loss: ``"focal"`` (sigmoid focal, summed / num_boxes, as Deformable DETR) or
-            ``"ce"`` (softmax over classes + no-object with ``eos_coef`` on no-object, as DETR).
+        classification: ``"sigmoid"`` (sigmoid focal loss, summed / num_boxes, as Deformable
+            DETR) or ``"softmax"`` (cross-entropy over classes + no-object with ``eos_coef`` on
+            no-object, as DETR); see :mod:`~detr_variants.modeling.classification`.
     """
+
+    empty_weight: Tensor  # with classification="softmax": the class weights of the cross-entropy
 
     def __init__(
         self,
@@ -47,7 +51,7 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: nn.Module,
         weight_dict: Dict[str, float],
-        class_loss: str = "focal",
+        classification: str = "sigmoid",
         eos_coef: float = 0.1,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -56,16 +60,14 @@ class SetCriterion(nn.Module):
         unknown = set(weight_dict) - {"loss_class", "loss_bbox", "loss_giou"}
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}")
-        if class_loss not in ("focal", "ce"):
-            raise ValueError(f"class_loss must be 'focal' or 'ce', got {class_loss!r}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
-        self.class_loss = class_loss
+        self.classification = check_classification(classification)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.eos_coef = eos_coef
-        if class_loss == "ce":
+        if classification == "softmax":
             empty_weight = torch.ones(num_classes + 1)
             empty_weight[-1] = eos_coef
             self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -74,13 +76,13 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"].float()
         b, q = logits.shape[:2]
         # focal heads may have fewer columns than classes: a class-agnostic (proposal) head has 1
-        background = logits.shape[-1] - 1 if self.class_loss == "ce" else logits.shape[-1]
+        background = logits.shape[-1] - 1 if self.classification == "softmax" else logits.shape[-1]
         target_classes = torch.full((b, q), background, dtype=torch.long, device=logits.device)
         batch_idx, src_idx = _flat_indices(indices)
         target_classes[batch_idx, src_idx] = torch.cat(
             [t["labels"][j] for t, (_, j) in zip(targets, indices)]
         )
-        if self.class_loss == "ce":
+        if self.classification == "softmax":
             return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         # One-hot over the real classes only: "no object" is the all-zero target.
         onehot = F.one_hot(target_classes, background + 1)[..., :-1].to(logits.dtype)

@@ -7,6 +7,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .classification import check_classification
 
 
 def focal_class_cost(
@@ -38,7 +39,9 @@ class HungarianMatcher(nn.Module):
 
     The cost is built for the whole batch padded to the largest GT count (never the cross-image
     blocks of the official code), moved to the CPU once, and solved per image with
-    ``scipy.optimize.linear_sum_assignment``. Boxes are normalised cxcywh.
+    ``scipy.optimize.linear_sum_assignment``. Boxes are normalised cxcywh. ``C_class`` is
+    :func:`focal_class_cost` with ``classification="sigmoid"`` and :func:`softmax_class_cost`
+    with ``"softmax"`` (see :mod:`~detr_variants.modeling.classification`).
     """
 
     def __init__(
@@ -46,21 +49,17 @@ class HungarianMatcher(nn.Module):
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
-        class_cost_type: str = "softmax",
+        classification: str = "sigmoid",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ):
         super().__init__()
-        if class_cost_type not in ("softmax", "focal"):
-            raise ValueError(
-                f"class_cost_type must be 'softmax' or 'focal', got {class_cost_type!r}"
-            )
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are zero")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
-        self.class_cost_type = class_cost_type
+        self.classification = check_classification(classification)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
@@ -78,7 +77,7 @@ class HungarianMatcher(nn.Module):
             labels[i, : sizes[i]] = t["labels"]
             boxes[i, : sizes[i]] = t["boxes"]
         logits, pred_boxes = pred_logits.float(), pred_boxes.float()
-        if self.class_cost_type == "focal":
+        if self.classification == "sigmoid":
             cost_class = focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
         else:
             cost_class = softmax_class_cost(logits, labels)

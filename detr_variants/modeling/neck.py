@@ -4,7 +4,7 @@ Like detrex's ``ChannelMapper``, but it also gives each level its padding mask a
 encoding: backbone features → per level (feature, padding mask, position encoding).
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ def _projection(
     )
     if xavier:
         nn.init.xavier_uniform_(conv.weight, gain=1)
-        nn.init.zeros_(conv.bias)
+        nn.init.zeros_(conv.bias)  # type: ignore[arg-type]  # a Conv2d built with a bias
     return nn.Sequential(conv, get_norm(norm, out_channels)) if norm else conv
 
 
@@ -97,11 +97,10 @@ class MultiLevelNeck(nn.Module):
         self.input_proj = nn.ModuleList(projections)
         self.strides = [input_shapes[f].stride for f in in_features]
         self.strides += [last.stride * 2 ** (i + 1) for i in range(num_levels - len(in_features))]
+        self.level_embed: Optional[nn.Parameter] = None
         if level_embed:
             self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
             nn.init.normal_(self.level_embed)
-        else:
-            self.level_embed = None
 
     def forward(
         self, features: Dict[str, Tensor], masks: Dict[str, Tensor], padding_mask: Tensor

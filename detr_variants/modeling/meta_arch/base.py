@@ -5,21 +5,23 @@ A variant subclasses :class:`SetPredictionDetector` and implements :meth:`comput
 which maps padded images and their padding mask to per-layer class logits and boxes.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.modeling import Backbone
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
 from ...layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from ..backbone import feature_masks
+from ..classification import CLASSIFICATIONS, check_classification
 
 
 def set_prediction_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool = True) -> Dict:
     """Per-layer predictions (L, B, Q, ·) → the criterion's dict: the last layer plus, with
     ``aux_loss``, one ``aux_outputs`` entry per earlier layer."""
-    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    out: Dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
     if aux_loss:
         out["aux_outputs"] = [
             {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
@@ -30,41 +32,50 @@ def set_prediction_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool = True)
 class SetPredictionDetector(nn.Module):
     """Base class of the DETR-family meta-architectures.
 
+    A variant lists the classifications its head supports in ``classifications``, its default
+    first.
+
     Args:
         backbone: a detectron2 ``Backbone``.
         criterion: computes the (weighted) loss dict from outputs and targets.
         num_classes: foreground classes (detectron2 contiguous ids).
         pixel_mean, pixel_std: per-channel normalisation, in ``input_format`` channel order.
         input_format: ``"RGB"`` (torchvision weights) or ``"BGR"`` (MSRA weights).
-        class_score: ``"sigmoid"`` (focal-loss models: top-k over queries × classes) or
-            ``"softmax"`` (DETR: the best class per query, without the no-object class).
-        test_topk: detections kept per image with ``class_score="sigmoid"``.
+        classification: ``"sigmoid"`` (focal-loss models: top-k over queries × classes) or
+            ``"softmax"`` (DETR: the best class per query, without the no-object class); the
+            criterion and matcher read the same setting (configs interpolate it). None: the
+            variant's default.
+        test_topk: detections kept per image with ``classification="sigmoid"``.
         size_divisibility: pad the batch to a multiple of this (0: to the largest image).
     """
+
+    classifications: Sequence[str] = CLASSIFICATIONS
+    pixel_mean: Tensor
+    pixel_std: Tensor
 
     def __init__(
         self,
         *,
-        backbone: nn.Module,
+        backbone: Backbone,
         criterion: nn.Module,
         num_classes: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         input_format: str = "RGB",
-        class_score: str = "sigmoid",
+        classification: Optional[str] = None,
         test_topk: int = 100,
         size_divisibility: int = 0,
     ):
         super().__init__()
-        if class_score not in ("sigmoid", "softmax"):
-            raise ValueError(f"class_score must be 'sigmoid' or 'softmax', got {class_score!r}")
         if len(pixel_mean) != len(pixel_std):
             raise ValueError("pixel_mean and pixel_std must have the same length")
         self.backbone = backbone
         self.criterion = criterion
         self.num_classes = num_classes
         self.input_format = input_format
-        self.class_score = class_score
+        self.classification = check_classification(
+            classification or self.classifications[0], self.classifications
+        )
         self.test_topk = test_topk
         self.size_divisibility = size_divisibility
         self.register_buffer(
@@ -148,7 +159,7 @@ class SetPredictionDetector(nn.Module):
     ) -> List[Instances]:
         """Scores and absolute xyxy boxes in the (resized) input image frame, and
         ``query_indices``: the decoder query behind each detection."""
-        if self.class_score == "sigmoid":
+        if self.classification == "sigmoid":
             b, q, c = logits.shape
             scores, index = logits.sigmoid().flatten(1).topk(min(self.test_topk, q * c), dim=1)
             labels, queries = index % c, index // c

@@ -1,5 +1,7 @@
 """Conditional DETR (Meng et al. 2021): conditional spatial queries for fast training convergence."""
 
+from typing import Sequence
+
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
@@ -25,10 +27,12 @@ class ConditionalDETR(DETR):
         **kwargs: :class:`DETR` arguments.
     """
 
+    classifications: Sequence[str] = ("sigmoid",)
+
     def __init__(self, *, num_queries: int = 300, **kwargs):
-        super().__init__(num_queries=num_queries, class_score="sigmoid", **kwargs)
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        super().__init__(num_queries=num_queries, **kwargs)
+        nn.init.zeros_(self.bbox_embed.output_layer.weight)
+        nn.init.zeros_(self.bbox_embed.output_layer.bias)
 
     def compute_outputs(self, images, padding_mask):
         memory, pos, mask = self.encode(images, padding_mask)

@@ -47,6 +47,8 @@ class DeformableDETR(SetPredictionDetector):
             (every encoder-output label is 0). Its box head is ``bbox_embed[L]``, as official.
     """
 
+    classifications: Sequence[str] = ("sigmoid",)
+
     def __init__(
         self,
         *,
@@ -62,7 +64,7 @@ class DeformableDETR(SetPredictionDetector):
         aux_loss: bool = True,
         **kwargs,
     ):
-        super().__init__(class_score="sigmoid", **kwargs)
+        super().__init__(**kwargs)
         if num_feature_levels < len(in_features):
             raise ValueError("num_feature_levels must be at least len(in_features)")
         self.in_features = list(in_features)

@@ -1,7 +1,7 @@
 """DETR (Carion et al. 2020): the baseline every fast-converging variant is measured against."""
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
@@ -24,10 +24,12 @@ class DETR(SetPredictionDetector):
         position_embedding: maps the padding mask to (B, hidden_dim, H, W).
         in_feature: the backbone output the transformer reads (``"res5"``); None for a
             multi-level subclass that projects the backbone levels with its own neck.
-        class_score: ``"softmax"`` (classes + no-object, DETR) or ``"sigmoid"`` (one focal-loss
+        **kwargs: :class:`SetPredictionDetector` arguments; ``classification`` is
+            ``"softmax"`` (classes + no-object, the default) or ``"sigmoid"`` (one focal-loss
             logit per class, initialised to the prior 0.01, as the fast-converging variants).
-        **kwargs: :class:`SetPredictionDetector` arguments.
     """
+
+    classifications: Sequence[str] = ("softmax", "sigmoid")
 
     def __init__(
         self,
@@ -39,10 +41,9 @@ class DETR(SetPredictionDetector):
         hidden_dim: int = 256,
         in_feature: Optional[str] = "res5",
         aux_loss: bool = True,
-        class_score: str = "softmax",
         **kwargs,
     ):
-        super().__init__(class_score=class_score, **kwargs)
+        super().__init__(**kwargs)
         self.in_feature = in_feature
         self.aux_loss = aux_loss
         if in_feature is not None:
@@ -53,15 +54,18 @@ class DETR(SetPredictionDetector):
         self.encoder = encoder
         self.decoder = decoder
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, self.num_classes + int(class_score == "softmax"))
+        no_object = int(self.classification == "softmax")
+        self.class_embed = nn.Linear(hidden_dim, self.num_classes + no_object)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         xavier_init_(self.encoder)
         xavier_init_(self.decoder)
-        if class_score == "sigmoid":
+        if self.classification == "sigmoid":
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
     def encode(self, images, padding_mask) -> Tuple[Tensor, Tensor, Tensor]:
         """Encoder memory (B, HW, C), its position encoding and its padding mask (B, HW)."""
+        if self.in_feature is None:
+            raise NotImplementedError("a multi-level subclass encodes its neck's levels itself")
         features, masks = self.backbone_features(images, padding_mask)
         src = self.input_proj(features[self.in_feature])
         mask = masks[self.in_feature]

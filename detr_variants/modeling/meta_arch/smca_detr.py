@@ -32,8 +32,10 @@ class SMCADETR(DETR):
         **kwargs: :class:`DETR` arguments.
     """
 
+    classifications: Sequence[str] = ("sigmoid",)
+
     def __init__(self, *, num_queries: int = 300, **kwargs):
-        super().__init__(num_queries=num_queries, class_score="sigmoid", **kwargs)
+        super().__init__(num_queries=num_queries, **kwargs)
         if not isinstance(self.decoder, SMCADecoder):
             raise TypeError(f"SMCA needs an SMCADecoder, got {type(self.decoder).__name__}")
         self._reset_modulation()

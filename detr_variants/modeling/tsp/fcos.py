@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec, batched_nms
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
@@ -350,10 +350,12 @@ class TSPFCOS(SetPredictionDetector):
         **kwargs: :class:`SetPredictionDetector` arguments (``test_topk`` = detections kept).
     """
 
+    classifications: Sequence[str] = ("sigmoid",)
+
     def __init__(
         self,
         *,
-        backbone: nn.Module,
+        backbone: Backbone,
         foi_head: nn.Module,
         encoder: nn.Module,
         criterion: nn.Module,
@@ -375,7 +377,6 @@ class TSPFCOS(SetPredictionDetector):
         super().__init__(
             backbone=backbone,
             criterion=criterion,
-            class_score="sigmoid",
             size_divisibility=size_divisibility,
             **kwargs,
         )

@@ -67,7 +67,7 @@ class TSPRPNHead(nn.Module):
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * box_dim, 1)
         for layer in (self.objectness_logits, self.anchor_deltas):
             nn.init.normal_(layer.weight, std=0.01)
-            nn.init.constant_(layer.bias, 0)
+            nn.init.zeros_(layer.bias)  # type: ignore[arg-type]  # a Conv2d built with a bias
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         if len(features) != len(self.obj_norms):
@@ -200,10 +200,10 @@ class TSPFastRCNNOutputLayers(FastRCNNOutputLayers):
         **kwargs,
     ):
         super().__init__(ShapeSpec(channels=hidden_dim), **kwargs)
-        out = self.bbox_pred.out_features
+        out = self.bbox_pred.out_features  # type: ignore[has-type]  # detectron2's Linear
         self.bbox_pred = MLP(hidden_dim, hidden_dim, out, 3)
-        nn.init.normal_(self.bbox_pred.layers[-1].weight, std=0.001)
-        nn.init.constant_(self.bbox_pred.layers[-1].bias, 0)
+        nn.init.normal_(self.bbox_pred.output_layer.weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred.output_layer.bias)
         self.matcher = matcher
         self.eos_coef = eos_coef
         self.focal_gamma = focal_gamma
@@ -303,7 +303,7 @@ class TransformerROIHeads(ROIHeads):
         box_in_features: Sequence[str],
         box_pooler: nn.Module,
         box_head: nn.Module,
-        box_predictor: nn.Module,
+        box_predictor: TSPFastRCNNOutputLayers,
         random_drop: float = 0.7,
         **kwargs,
     ):
@@ -324,6 +324,8 @@ class TransformerROIHeads(ROIHeads):
         """detectron2's ``ROIHeads`` interface: pool → transformer box head → predictor."""
         del images
         if self.training:
+            if targets is None:
+                raise ValueError("training needs the ground truth (targets)")
             proposals = self.label_and_sample_proposals(proposals, targets)
             return proposals, self.box_predictor.losses(
                 self.predictions(features, proposals), proposals

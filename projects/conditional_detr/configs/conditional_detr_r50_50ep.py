@@ -1,44 +1,23 @@
-# Conditional DETR R50 (Meng et al. 2021), the official COCO recipe: 300 queries, 6+6 post-norm
-# layers, FFN 2048, conditional cross-attention, sigmoid focal loss (alpha 0.25, gamma 2) with
-# matcher and loss class/L1/GIoU = 2/5/2 and auxiliary losses, AdamW 1e-4 (backbone 1e-5),
-# weight decay 1e-4, clip 0.1, 50 epochs with a drop at 40, batch 16 (2 per GPU x 8).
+# Conditional DETR R50 (Meng et al. 2021), the official COCO recipe: DETR's (backbone, 6-layer
+# post-norm encoder, position encoding, AdamW 1e-4 with the backbone at 1e-5, weight decay 1e-4,
+# clip 0.1) with the conditional decoder (6 layers, FFN 2048), 300 queries, sigmoid focal loss
+# (alpha 0.25, gamma 2) with matcher and loss class/L1/GIoU = 2/5/2 and auxiliary losses,
+# 50 epochs with a drop at 40, batch 16 (2 per GPU x 8).
 from detectron2.config import LazyCall as L
 
 from detr_variants.layers.conditional_attention import ConditionalDecoder, ConditionalDecoderLayer
 from detr_variants.modeling.meta_arch.conditional_detr import ConditionalDETR
 
-from ....configs.common.criterion import focal_criterion as _focal_criterion
-from ....configs.common.data.coco_detr import dataloader
-from ....configs.common.optim import AdamW as optimizer
-from ....configs.common.schedule import step_schedule
-from ....configs.common.train import train
-from ...detr.configs.detr_r50_500ep import model as _detr  # backbone, encoder, position encoding
+from ....configs.common.focal_detr import focal_detr_recipe
+from ...detr.configs.detr_r50_500ep import dataloader, model, optimizer, train
 
-model = L(ConditionalDETR)(
-    backbone=_detr.backbone,
-    encoder=_detr.encoder,
+model.update(
+    _target_=ConditionalDETR,
     decoder=L(ConditionalDecoder)(
         layer=L(ConditionalDecoderLayer)(d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1),
         num_layers=6,
-        norm=_detr.decoder.norm,
+        norm=model.decoder.norm,
     ),
-    position_embedding=_detr.position_embedding,
-    num_queries=300,
-    hidden_dim=256,
-    num_classes=80,
-    test_topk=100,
-    criterion=_focal_criterion,
-    pixel_mean=_detr.pixel_mean,
-    pixel_std=_detr.pixel_std,
-    input_format=_detr.input_format,
 )
-
-optimizer.lr = 1e-4
-optimizer.weight_decay = 1e-4
-lr_multiplier = step_schedule(total_epochs=50, drop_epochs=[40])
-
-dataloader.train.total_batch_size = 16
-train.epochs = 50
-train.clip_grad.max_norm = 0.1
-train.init_checkpoint = "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+lr_multiplier = focal_detr_recipe(model, dataloader, train)
 train.output_dir = "./output/conditional_detr_r50_50ep"

@@ -16,8 +16,19 @@ from detr_variants.modeling import DeformableDETR, make_resnet
 from ....configs.common.criterion import focal_criterion as _focal_criterion
 from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.optim import AdamW as optimizer
+from ....configs.common.pixels import TORCHVISION_RGB as _TORCHVISION_RGB
 from ....configs.common.schedule import step_schedule
 from ....configs.common.train import train
+
+# encoder and decoder layers alike: 8 heads sampling 4 points on every level
+_LAYER = dict(
+    d_model=256,
+    dim_feedforward=1024,
+    dropout=0.1,
+    num_levels="${...num_feature_levels}",
+    num_heads=8,
+    num_points=4,
+)
 
 model = L(DeformableDETR)(
     backbone=L(make_resnet)(
@@ -26,25 +37,11 @@ model = L(DeformableDETR)(
     in_features=["res3", "res4", "res5"],
     num_feature_levels=4,
     encoder=L(DeformableEncoder)(
-        layer=L(DeformableEncoderLayer)(
-            d_model=256,
-            dim_feedforward=1024,
-            dropout=0.1,
-            num_levels="${...num_feature_levels}",
-            num_heads=8,
-            num_points=4,
-        ),
+        layer=L(DeformableEncoderLayer)(**_LAYER),
         num_layers=6,
     ),
     decoder=L(DeformableDecoder)(
-        layer=L(DeformableDecoderLayer)(
-            d_model=256,
-            dim_feedforward=1024,
-            dropout=0.1,
-            num_levels="${...num_feature_levels}",
-            num_heads=8,
-            num_points=4,
-        ),
+        layer=L(DeformableDecoderLayer)(**_LAYER),
         num_layers=6,
     ),
     position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128, normalize=True, offset=-0.5),
@@ -53,11 +50,10 @@ model = L(DeformableDETR)(
     with_box_refine=False,
     two_stage=False,
     num_classes=80,
+    classification="sigmoid",
     criterion=_focal_criterion,
     test_topk=100,
-    pixel_mean=[123.675, 116.280, 103.530],
-    pixel_std=[58.395, 57.120, 57.375],
-    input_format="RGB",
+    **_TORCHVISION_RGB,
 )
 
 optimizer.lr = 2e-4

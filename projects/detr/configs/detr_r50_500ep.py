@@ -15,6 +15,7 @@ from detr_variants.modeling import DETR, HungarianMatcher, SetCriterion, make_re
 
 from ....configs.common.data.coco_detr import dataloader
 from ....configs.common.optim import AdamW as optimizer
+from ....configs.common.pixels import TORCHVISION_RGB as _TORCHVISION_RGB
 from ....configs.common.schedule import step_schedule
 from ....configs.common.train import train
 
@@ -33,22 +34,19 @@ model = L(DETR)(
     num_queries=100,
     hidden_dim=256,
     num_classes=80,
+    classification="softmax",  # the head, the loss and the matching cost
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",
         matcher=L(HungarianMatcher)(
-            cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="softmax"
+            cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, classification="${..classification}"
         ),
         weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
-        class_loss="ce",
+        classification="${..classification}",
         eos_coef=0.1,
     ),
-    # torchvision's ImageNet statistics, RGB
-    pixel_mean=[123.675, 116.280, 103.530],
-    pixel_std=[58.395, 57.120, 57.375],
-    input_format="RGB",
+    **_TORCHVISION_RGB,
 )
 
-optimizer.lr = 1e-4
 lr_multiplier = step_schedule(total_epochs=500, drop_epochs=[400])
 
 dataloader.train.total_batch_size = 64

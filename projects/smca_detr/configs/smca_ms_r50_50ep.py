@@ -6,17 +6,15 @@
 # (The released multi-scale code replaces the encoder's self-attention by depthwise convolutions;
 # see projects/smca_detr/README.md.)
 from detectron2.config import LazyCall as L
-from torch import nn
 
 from detr_variants.layers import TransformerEncoderLayer
-from detr_variants.layers.smca_attention import MultiScaleEncoder, SMCADecoder, SMCADecoderLayer
+from detr_variants.layers.smca_attention import MultiScaleEncoder
 from detr_variants.modeling.meta_arch.smca_detr import MultiScaleSMCADETR
 
-from .smca_r50_50ep import dataloader, lr_multiplier, optimizer, train
-from .smca_r50_50ep import model as _single
+from .smca_r50_50ep import dataloader, lr_multiplier, model, optimizer, train
 
-model = L(MultiScaleSMCADETR)(
-    backbone=_single.backbone,
+model.update(
+    _target_=MultiScaleSMCADETR,
     in_features=["res4", "res5"],
     num_feature_levels=3,  # strides 16, 32, 64
     level_embed=True,
@@ -24,30 +22,11 @@ model = L(MultiScaleSMCADETR)(
         layer=L(TransformerEncoderLayer)(d_model=256, nhead=8, dim_feedforward=1024, dropout=0.1),
         layout="2intra-multi-2intra",  # Table 3: "3intra", "3multi", "5intra", ...
     ),
-    decoder=L(SMCADecoder)(
-        layer=L(SMCADecoderLayer)(
-            d_model=256,
-            nhead=8,
-            dim_feedforward=1024,
-            dropout=0.1,
-            num_levels="${...num_feature_levels}",
-            scale_type="independent",
-            multi_head_modulation=True,
-            beta=8.0,
-            scale_selection=True,  # Table 3: False = "w/o SSA"
-        ),
-        num_layers=6,
-        norm=L(nn.LayerNorm)(normalized_shape=256),
-    ),
-    position_embedding=_single.position_embedding,
-    num_queries=300,
-    hidden_dim=256,
-    num_classes=80,
-    test_topk=100,
-    criterion=_single.criterion,
-    pixel_mean=_single.pixel_mean,
-    pixel_std=_single.pixel_std,
-    input_format="RGB",
+)
+model.decoder.layer.update(
+    dim_feedforward=1024,
+    num_levels="${...num_feature_levels}",
+    scale_selection=True,  # Table 3: False = "w/o SSA"
 )
 model.backbone.out_features = ["res4", "res5"]
 

@@ -57,6 +57,7 @@ model = L(ReleasedMultiScaleSMCADETR)(
     num_queries=300,
     hidden_dim=256,
     num_classes=80,
+    classification="sigmoid",
     test_topk=100,  # the released PostProcess keeps 500 (unsorted) of queries x 92 columns
     criterion=_single.criterion,
     pixel_mean=_single.pixel_mean,

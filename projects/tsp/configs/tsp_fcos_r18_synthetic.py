@@ -4,6 +4,7 @@
 # 1024; pre-norm as TSP). The FPN is 128 channels wide (the FCOS towers would otherwise cost 3x
 # the backbone) and 300 FoIs are selected (700 would be a third of a 256-px image's locations).
 # The optimiser is TSP's (SGD 0.01 / AdamW 1e-4, clipping 0.01 on the transformer only).
+from ....configs.common.pixels import TORCHVISION_RGB as _TORCHVISION_RGB
 from ....projects.detr.configs.detr_r18_synthetic import dataloader, lr_multiplier, train
 from ....projects.detr.configs.detr_r18_synthetic import model as _detr
 from .tsp_fcos_r50_36ep import model, optimizer
@@ -21,9 +22,7 @@ model.encoder.num_layers = _detr.encoder.num_layers
 model.encoder.layer.dim_feedforward = _detr.encoder.layer.dim_feedforward
 model.num_fois = 300
 model.num_classes = _detr.num_classes
-model.update(
-    pixel_mean=_detr.pixel_mean, pixel_std=_detr.pixel_std, input_format=_detr.input_format
-)
+model.update(**_TORCHVISION_RGB)  # as the from-scratch R18 of every *_r18_synthetic config
 
 train.clip_grad = dict(enabled=True, max_norm=0.01, params="encoder.")
 train.output_dir = "./output/tsp_fcos_r18_synthetic"

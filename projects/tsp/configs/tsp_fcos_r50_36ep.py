@@ -19,6 +19,7 @@ from detr_variants.modeling import RestrictedMatcher, make_resnet
 from detr_variants.modeling.tsp import TSPFCOS, FoIClassifier, TSPFCOSCriterion, TSPTopBlock
 
 from ....configs.common.data.coco_detr import dataloader
+from ....configs.common.pixels import MSRA_BGR as _MSRA_BGR
 from ....configs.common.schedule import step_schedule
 from ....configs.common.train import train
 
@@ -71,10 +72,7 @@ model = L(TSPFCOS)(
     test_nms_thresh=0.6,  # None: the top 100 without NMS
     test_topk=100,
     num_classes=80,
-    # detectron2's MSRA (caffe) ImageNet statistics, BGR
-    pixel_mean=[103.530, 116.280, 123.675],
-    pixel_std=[1.0, 1.0, 1.0],
-    input_format="BGR",
+    **_MSRA_BGR,
 )
 
 optimizer = L(HybridOptimizer)(
@@ -117,8 +115,8 @@ dataloader.train.mapper.augmentations = [
     ),
     L(T.RandomFlip)(horizontal=True),
 ]
-dataloader.train.mapper.image_format = "BGR"
-dataloader.test.mapper.image_format = "BGR"  # test: short side 800, long side <= 1333
+dataloader.train.mapper.image_format = _MSRA_BGR["input_format"]
+dataloader.test.mapper.image_format = _MSRA_BGR["input_format"]  # test: short 800, long <= 1333
 dataloader.train.total_batch_size = 16
 
 train.epochs = 36

@@ -4,6 +4,7 @@
 # 1024; pre-norm as TSP). The FPN is 128 channels wide and 300 proposals / RoIs per image are
 # kept (see tsp_fcos_r18_synthetic.py). The optimiser is TSP's (SGD 0.02 / AdamW 1e-4, clipping
 # 0.01 on the transformer only).
+from ....configs.common.pixels import TORCHVISION_RGB as _TORCHVISION_RGB
 from ....projects.detr.configs.detr_r18_synthetic import dataloader, lr_multiplier, train
 from ....projects.detr.configs.detr_r18_synthetic import model as _detr
 from .tsp_rcnn_r50_36ep import model, optimizer
@@ -23,9 +24,7 @@ model.roi_heads.box_head.hidden_dim = _detr.hidden_dim
 model.roi_heads.box_head.encoder.num_layers = _detr.encoder.num_layers
 model.roi_heads.box_head.encoder.layer.dim_feedforward = _detr.encoder.layer.dim_feedforward
 model.roi_heads.num_classes = _detr.num_classes
-model.update(
-    pixel_mean=_detr.pixel_mean, pixel_std=_detr.pixel_std, input_format=_detr.input_format
-)
+model.update(**_TORCHVISION_RGB)  # as the from-scratch R18 of every *_r18_synthetic config
 
 train.clip_grad = dict(enabled=True, max_norm=0.01, params="encoder.")
 train.output_dir = "./output/tsp_rcnn_r18_synthetic"

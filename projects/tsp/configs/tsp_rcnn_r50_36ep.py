@@ -30,6 +30,7 @@ from detr_variants.modeling.tsp import (
     TSPTopBlock,
 )
 
+from ....configs.common.pixels import MSRA_BGR as _MSRA_BGR
 from .tsp_fcos_r50_36ep import dataloader, lr_multiplier, optimizer, train
 
 model = L(TSPRCNN)(
@@ -124,9 +125,7 @@ model = L(TSPRCNN)(
             test_topk_per_image=100,
         ),
     ),
-    pixel_mean=[103.530, 116.280, 123.675],
-    pixel_std=[1.0, 1.0, 1.0],
-    input_format="BGR",
+    **_MSRA_BGR,
 )
 
 optimizer.lr = 0.02

@@ -16,7 +16,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import Checkpointer, load_inference_weights
-from .defaults import resolve_device
+from .devices import resolve_device
 from .ema import EMAHook, ModelEMA
 from .trainer import (
     ReleaseFreedMemory,

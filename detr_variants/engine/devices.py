@@ -1,4 +1,4 @@
-"""Small helpers shared by the training script, the predictor and the benchmarks."""
+"""Device selection shared by the training script, the predictor and the benchmarks."""
 
 import torch
 
