@@ -43,7 +43,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import detr_variants  # noqa: F401, E402  (registers the datasets and architectures)
 from detr_variants.data.image_io import read_image  # noqa: E402
 from detr_variants.engine import DefaultPredictor  # noqa: E402
-from detr_variants.engine.train_loop import apply_overrides  # noqa: E402
+from detr_variants.engine.lazy_train import apply_overrides  # noqa: E402
 from detr_variants.modeling.tsp import TSPFCOS, TSPRCNN  # noqa: E402
 from detr_variants.utils.recorder import record_attention  # noqa: E402
 
