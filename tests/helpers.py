@@ -301,3 +301,32 @@ def write_small_coco(root, split, num_images, seed=0):
     with open(json_file, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     return json_file, os.path.join(root, split)
+
+
+def small_hf_detr_config(config_class, *, d_model, heads, ffn, queries, num_labels, **kwargs):
+    """A small HF DETR-family config (``DetrConfig``, ``ConditionalDetrConfig``) on an untrained
+    ResNet-18-shaped HF ResNet: 2 encoder and 3 decoder layers of the given sizes."""
+    import transformers
+
+    backbone = transformers.ResNetConfig(
+        depths=[2, 2, 2, 2],
+        layer_type="basic",
+        hidden_sizes=[64, 128, 256, 512],
+        embedding_size=64,
+        out_features=["stage4"],
+    )
+    return config_class(
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        backbone_config=backbone,
+        d_model=d_model,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        num_queries=queries,
+        num_labels=num_labels,
+        **kwargs,
+    )

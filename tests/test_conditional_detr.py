@@ -28,6 +28,7 @@ from helpers import (
     official_coco_rows,
     randomise_,
     set_prediction_train_step,
+    small_hf_detr_config,
 )
 
 SYNTHETIC = "conditional_detr/conditional_detr_r18_synthetic"
@@ -240,25 +241,12 @@ D, HEADS, FFN, QUERIES, LABELS = 64, 4, 128, 12, 6
 @pytest.fixture(scope="module")
 def hf_model():
     transformers = pytest.importorskip("transformers")
-    backbone = transformers.ResNetConfig(
-        depths=[2, 2, 2, 2],
-        layer_type="basic",
-        hidden_sizes=[64, 128, 256, 512],
-        embedding_size=64,
-        out_features=["stage4"],
-    )
-    config = transformers.ConditionalDetrConfig(
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        backbone_config=backbone,
+    config = small_hf_detr_config(
+        transformers.ConditionalDetrConfig,
         d_model=D,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_ffn_dim=FFN,
-        decoder_ffn_dim=FFN,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        num_queries=QUERIES,
+        heads=HEADS,
+        ffn=FFN,
+        queries=QUERIES,
         num_labels=LABELS,
     )
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ from helpers import (
     official_coco_rows,
     randomise_,
     set_prediction_train_step,
+    small_hf_detr_config,
 )
 
 
@@ -175,26 +176,8 @@ def masked_coco_head_(weight, bias):
 def hf_detr():
     """A small random HF DETR with the hub's COCO head: 91 labels (label id = COCO id) + no-object."""
     transformers = pytest.importorskip("transformers")
-    backbone = transformers.ResNetConfig(
-        depths=[2, 2, 2, 2],
-        layer_type="basic",
-        hidden_sizes=[64, 128, 256, 512],
-        embedding_size=64,
-        out_features=["stage4"],
-    )
-    config = transformers.DetrConfig(
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        backbone_config=backbone,
-        d_model=D,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_ffn_dim=FFN,
-        decoder_ffn_dim=FFN,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        num_queries=QUERIES,
-        num_labels=91,
+    config = small_hf_detr_config(
+        transformers.DetrConfig, d_model=D, heads=HEADS, ffn=FFN, queries=QUERIES, num_labels=91
     )
     torch.manual_seed(0)
     model = transformers.DetrForObjectDetection(config).eval()
