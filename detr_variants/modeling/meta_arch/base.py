@@ -51,6 +51,34 @@ def project_levels(
     return srcs, level_masks
 
 
+def set_prediction_inference(
+    logits: Tensor,
+    boxes: Tensor,
+    image_sizes: List[Tuple[int, int]],
+    class_score: str = "sigmoid",
+    topk: int = 100,
+) -> List[Instances]:
+    """(B, Q, C) logits and (B, Q, 4) normalised cxcywh boxes → per image ``Instances`` with
+    absolute xyxy boxes in the (resized) input frame: the top ``topk`` of queries × classes by
+    sigmoid (focal-loss models), or the best class per query by softmax without "no object"."""
+    if class_score == "sigmoid":
+        b, q, c = logits.shape
+        scores, index = logits.sigmoid().flatten(1).topk(min(topk, q * c), dim=1)
+        labels = index % c
+        boxes = boxes.gather(1, (index // c).unsqueeze(-1).expand(-1, -1, 4))
+    else:
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+    results = []
+    for s, l, bx, (h, w) in zip(scores, labels, boxes, image_sizes):
+        inst = Instances((h, w))
+        xyxy = box_cxcywh_to_xyxy(bx.float()) * bx.new_tensor([w, h, w, h], dtype=torch.float32)
+        inst.pred_boxes = Boxes(xyxy)
+        inst.scores = s.float()
+        inst.pred_classes = l
+        results.append(inst)
+    return results
+
+
 class SetPredictionDetector(nn.Module):
     """Base class of the DETR-family meta-architectures.
 
@@ -171,22 +199,9 @@ class SetPredictionDetector(nn.Module):
         self, logits: Tensor, boxes: Tensor, image_sizes: List[Tuple[int, int]]
     ) -> List[Instances]:
         """Scores and absolute xyxy boxes in the (resized) input image frame."""
-        if self.class_score == "sigmoid":
-            b, q, c = logits.shape
-            scores, index = logits.sigmoid().flatten(1).topk(min(self.test_topk, q * c), dim=1)
-            labels = index % c
-            boxes = boxes.gather(1, (index // c).unsqueeze(-1).expand(-1, -1, 4))
-        else:
-            scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-        results = []
-        for s, l, bx, (h, w) in zip(scores, labels, boxes, image_sizes):
-            inst = Instances((h, w))
-            xyxy = box_cxcywh_to_xyxy(bx.float()) * bx.new_tensor([w, h, w, h], dtype=torch.float32)
-            inst.pred_boxes = Boxes(xyxy)
-            inst.scores = s.float()
-            inst.pred_classes = l
-            results.append(inst)
-        return results
+        return set_prediction_inference(
+            logits, boxes, image_sizes, self.class_score, self.test_topk
+        )
 
     @staticmethod
     def postprocess(
