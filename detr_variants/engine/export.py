@@ -153,3 +153,74 @@ def postprocess_exported(
             logits, boxes, [tuple(image_size)], meta["class_score"], meta["test_topk"]
         )
     return inst if output_size is None else detector_postprocess(inst, *output_size)
+
+
+EXPORT_FORMATS = ("onnx", "torchscript", "export")
+
+
+def save_exported(wrapper: ExportableDetector, example: Tensor, path: str, fmt: str) -> None:
+    """Captures ``wrapper`` with dynamic H, W from ``example`` (1, 3, H, W) and saves it as
+    ``fmt``: ``"export"`` (a ``torch.export`` program, ``.pt2``), ``"onnx"`` (the dynamo exporter,
+    opset 18: deformable attention through its ``grid_sample`` path, which stock ONNX Runtime
+    runs) or ``"torchscript"`` (see :func:`torchscript_module`)."""
+    if fmt == "export":
+        torch.export.save(export_program(wrapper, example), path)
+    elif fmt == "onnx":
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=wrapper.dynamic_shapes(),
+            input_names=["image"],
+            output_names=list(wrapper.output_names),
+            opset_version=18,
+            optimize=True,
+        )
+        program.save(path)
+    elif fmt == "torchscript":
+        torch.jit.save(torchscript_module(wrapper, example), path)
+    else:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {EXPORT_FORMATS}")
+
+
+def torchscript_module(wrapper: ExportableDetector, example: Tensor) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of ``wrapper`` at ``example``'s size.
+
+    The trace follows the input size for DETR and Conditional DETR only: the per-level loops of
+    Deformable DETR and SMCA run on Python ints, which a trace fixes to the example's sizes (its
+    outputs are exact at that size alone), and TSP-FCOS's FoI count does not trace. Use the
+    ``"export"`` or ``"onnx"`` format for those (any size).
+    """
+    if isinstance(wrapper.model, TSPFCOS):
+        raise NotImplementedError(
+            "TSP-FCOS does not trace to TorchScript (its FoI count min(num_fois, locations) is "
+            "symbolic); export it with --format export or --format onnx"
+        )
+    return torch.jit.trace(wrapper, (example,), check_trace=False)
+
+
+def export_program(wrapper: ExportableDetector, example: Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``wrapper`` with symbolic H and W."""
+    return torch.export.export(wrapper, (example,), dynamic_shapes=wrapper.dynamic_shapes())
+
+
+def load_exported(path: str, fmt: str):
+    """The saved model as a function of a (1, 3, H, W) tensor to a tuple of tensors."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def run(image: Tensor) -> Tuple[Tensor, ...]:
+            outputs = session.run(None, {name: image.detach().cpu().float().numpy()})
+            return tuple(torch.from_numpy(o) for o in outputs)
+
+        return run
+    module = torch.export.load(path).module() if fmt == "export" else torch.jit.load(path)
+
+    def call(image: Tensor) -> Tuple[Tensor, ...]:
+        with torch.no_grad():
+            return tuple(module(image))
+
+    return call

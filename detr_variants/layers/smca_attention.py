@@ -232,7 +232,9 @@ class GaussianModulatedAttention(nn.Module):
             )
         masks = [None] * len(lengths)
         if key_padding_mask is not None:
-            masks = list(key_padding_mask[:, None, None, :].split(lengths, dim=-1))
+            mask = key_padding_mask[:, None, None, :]
+            # no one-chunk split: the ONNX exporter fixes its (symbolic) size to the example's
+            masks = [mask] if len(lengths) == 1 else list(mask.split(lengths, dim=-1))
         biases = []
         for lvl in range(len(lengths)):
             bias = masks[lvl]
