@@ -40,7 +40,8 @@ class ExportableDetector(nn.Module):
                 f"{type(model).__name__} cannot be exported: only SetPredictionDetector models "
                 "(DETR, Deformable DETR, Conditional DETR, SMCA, TSP-FCOS) are supported"
             )
-        self.model = model.eval()
+        self.model = model
+        self.eval()  # the wrapper too: the exporters read its mode
 
     @property
     def output_names(self) -> Tuple[str, ...]:
