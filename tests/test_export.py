@@ -67,7 +67,9 @@ def max_diffs(expected, got):
     return [(e.float() - g.float()).abs().max().item() for e, g in zip(expected, got)]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# plain Deformable DETR's export differs from two-stage + refine only in its query head: the
+# export test runs the latter (its post-processing is tested for both)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "deformable"])
 def test_torch_export_and_onnx_follow_the_input_size(variant, tmp_path):
     """One ``torch.export`` program with symbolic H, W (captured at the first size) and its ONNX
     translation in ONNX Runtime, against eager PyTorch at two sizes: the program within 1e-5,
@@ -131,6 +133,19 @@ def test_torchscript_trace_follows_the_input_size(variant, tmp_path):
     run = load_exported(path, "torchscript")
     for image, e in zip(images, expected):
         assert max(max_diffs(e, run(image))) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["deformable", "smca", "smca_ms"])
+def test_torchscript_trace_of_multi_level_models_is_exact_at_the_traced_size(variant):
+    """Deformable DETR and SMCA trace, but their per-level loops fix the sizes (documented):
+    the trace matches eager within 1e-5 at the traced size."""
+    model = tiny_model(variant)
+    wrapper = ExportableDetector(model)
+    image = raw_image(*VARIANTS[variant][2][0], seed=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torchscript_module(wrapper, image)
+        assert max(max_diffs(wrapper(image), traced(image))) <= 1e-5
 
 
 def test_torchscript_of_tsp_fcos_says_to_use_another_format():
