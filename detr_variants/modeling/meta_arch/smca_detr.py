@@ -61,8 +61,9 @@ class SMCADETR(DETR):
         padded (h, w)."""
         memory, pos, mask = self.encode(images, padding_mask)
         stride = self.strides[0]
-        # detectron2's ResNet (and DC5) gives ceil(size / stride) cells for a padded size
-        shape = tuple(-(-s // stride) for s in images.tensor.shape[-2:])  # ceil, symbolic too
+        # detectron2's ResNet (and DC5) gives ceil(size / stride) cells for a padded size (no
+        # floor division of negative sizes: ONNX's truncates)
+        shape = tuple((s + stride - 1) // stride for s in images.tensor.shape[-2:])
         if shape[0] * shape[1] != memory.shape[1]:
             raise ValueError(
                 f"{memory.shape[1]} feature cells do not form a {shape} map for stride {stride}"

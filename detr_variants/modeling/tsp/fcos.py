@@ -128,8 +128,9 @@ def own_extent_masks(
     for (h, w), s in zip(shapes, strides):
         m = torch.ones((len(image_sizes), h, w), dtype=torch.bool, device=device)
         for i, (ih, iw) in enumerate(image_sizes):
-            eh, ew = -(-ih // d) * d, -(-iw // d) * d  # ceil to the multiple of d
-            m[i, : -(-eh // s), : -(-ew // s)] = False
+            # ceil to the multiple of d, then to cells (positive floor division: ONNX truncates)
+            eh, ew = (ih + d - 1) // d * d, (iw + d - 1) // d * d
+            m[i, : (eh + s - 1) // s, : (ew + s - 1) // s] = False
         masks.append(m)
     return masks
 
