@@ -47,7 +47,7 @@ VARIANTS = {
     "tsp_fcos": (
         "tsp/tsp_fcos_r18_synthetic",
         ["model.encoder.num_layers=1", "model.num_fois=20"],
-        [(280, 300), (330, 250)],  # padded to (288, 320), (352, 256)
+        [(288, 320), (352, 256)],  # multiples of 32 (padding makes tied scores, see below)
     ),
 }  # fmt: skip
 
@@ -84,7 +84,7 @@ def test_torch_export_and_onnx_follow_the_input_size(variant, tmp_path):
         warnings.simplefilter("ignore")
         program = export_program(wrapper, images[0])
         path = str(tmp_path / "model.onnx")
-        torch.onnx.export(program, dynamo=True, optimize=True, opset_version=18).save(path)
+        torch.onnx.export(program, dynamo=True, optimize=False, opset_version=18).save(path)
         expected = [wrapper(x) for x in images]
         exported = [program.module()(x) for x in images]
     run_onnx = load_exported(path, "onnx")
@@ -105,6 +105,8 @@ def test_postprocess_gives_the_models_own_detections(variant):
     model = tiny_model(variant)
     wrapper, meta = ExportableDetector(model), json.loads(json.dumps(export_meta(model)))
     h, w = VARIANTS[variant][2][0]
+    if variant == "tsp_fcos":  # padded to 32: the same padding (hence ties) as the model's own
+        h, w = h - 8, w - 20
     image = raw_image(h, w, seed=3)
     original = (2 * h, 2 * w + 7)  # as if resized by the test-time augmentation
     with torch.no_grad():

@@ -175,7 +175,7 @@ def save_exported(wrapper: ExportableDetector, example: Tensor, path: str, fmt: 
             input_names=["image"],
             output_names=list(wrapper.output_names),
             opset_version=18,
-            optimize=True,
+            optimize=False,  # the onnxscript optimizer (0.7.2) drops a node of Deformable DETR
         )
         program.save(path)
     elif fmt == "torchscript":
