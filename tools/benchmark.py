@@ -5,6 +5,7 @@ implementation with the same weights, measured side by side in one run.
     python tools/benchmark.py                              # every model, table + output/benchmark.json
     python tools/benchmark.py --models deformable_detr_r50 --repeat 3 --threads 2
     python tools/benchmark.py --models deformable_detr_r50 --device cuda --repeat 10
+    python tools/benchmark.py --onnx --output output/benchmark_onnx.json  # ONNX Runtime vs ours
 
 Sizes: --inference-size and --train-size. On ``--device cuda`` each timed run ends with
 ``torch.cuda.synchronize()``, memory is also the peak of allocated CUDA memory above what was
@@ -450,6 +451,54 @@ def write_json(path: str, content: Dict) -> None:
         json.dump(content, f, indent=2)
 
 
+ONNX_MODELS = ("deformable_detr_r50", "conditional_detr_r50")
+
+
+def onnx_benchmark(name: str, repeat: int, threads: int, onnx_dir: str) -> Dict:
+    """ONNX Runtime (CPU) latency of the exported model next to our PyTorch path, batch 1,
+    800x1216, both including the post-processing into ``Instances`` (the same random weights;
+    deformable attention runs natively in PyTorch and through ``grid_sample`` in ONNX)."""
+    import onnxruntime
+
+    from detr_variants.engine.export import (
+        ExportableDetector,
+        export_meta,
+        postprocess_exported,
+        save_exported,
+    )
+
+    config = MODELS[name][0]
+    torch.manual_seed(0)
+    ours = instantiate(get_config(config).model).eval()
+    wrapper, meta = ExportableDetector(ours), export_meta(ours)
+    image = torch.rand(1, 3, 800, 1216, generator=torch.Generator().manual_seed(0)) * 255
+    path = os.path.join(onnx_dir, f"{name}.onnx")
+    os.makedirs(onnx_dir, exist_ok=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        save_exported(wrapper, image, path, "onnx")
+    export_seconds = time.perf_counter() - start
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    pixels = image.numpy()
+
+    def onnx_inference():
+        outputs = session.run(None, {"image": pixels})
+        postprocess_exported([torch.from_numpy(o) for o in outputs], (800, 1216), meta)
+
+    with torch.no_grad():
+        diffs = [
+            float(abs(torch.from_numpy(o) - e).max())
+            for o, e in zip(session.run(None, {"image": pixels}), wrapper(image))
+        ]
+        fns = {"pytorch": lambda: ours([{"image": image[0]}]), "onnxruntime": onnx_inference}
+        row = {"model": name, "config": config, "export_seconds": round(export_seconds, 1)}
+        row.update(measure(fns, repeat), max_abs_diff_logits_boxes=diffs)
+    row["onnx_over_pytorch"] = row["onnxruntime"]["seconds"] / row["pytorch"]["seconds"]
+    return row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -466,8 +515,22 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (--config-file)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first iterations")
     parser.add_argument("opts", nargs="*", help="config overrides (--config-file), key=value")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help=f"instead: ONNX Runtime vs PyTorch CPU latency of {', '.join(ONNX_MODELS)}",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.onnx:
+        output = args.output or "output/benchmark_onnx.json"
+        onnx_dir = os.path.join(os.path.dirname(output) or ".", "onnx")
+        rows = [onnx_benchmark(n, args.repeat, args.threads, onnx_dir) for n in ONNX_MODELS]
+        for row in rows:
+            print(json.dumps(row, indent=1), flush=True)
+        meta = {"device": "cpu", "threads": args.threads, "torch": torch.__version__}
+        write_json(output, {**meta, "onnxruntime": _onnxruntime_version(), "rows": rows})
+        return rows
     if args.config_file:
         cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
         row = dict(config=args.config_file, threads=args.threads, torch=torch.__version__)
@@ -503,6 +566,12 @@ def main(argv=None):
             f"| {r['model']} | {r['gflops']:.0f} ({r['paper_gflops']}) | {cell(r, 'ours_inference')} | "
             f"{cell(r, 'hf_inference')} | {cell(r, 'ours_train_step')} | {cell(r, 'hf_train_step')} |"
         )
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ PIP=("$PY" -m pip install --disable-pip-version-check -q -c constraints.txt)
 echo "setup: installing pinned dependencies"
 "${PIP[@]}" torch torchvision numpy scipy pycocotools opencv-python-headless fvcore iopath \
   Pillow matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard omegaconf hydra-core \
-  black ruff mypy packaging "setuptools<81" ninja pytest pytest-timeout transformers
+  black ruff mypy packaging "setuptools<81" ninja pytest pytest-timeout transformers \
+  onnx onnxruntime onnxscript
 
 if "$PY" -c "import detectron2.modeling" 2>/dev/null; then
   echo "setup: detectron2 already importable, keeping it"

@@ -5,15 +5,16 @@ each level's (H, W) and ``level_start_index`` (L,) where it starts. Reference po
 normalised to the *valid* (unpadded) part of each level, as in the official code.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._native import graph_capture
 from .attention import MultiheadAttention
 from .box_ops import inverse_sigmoid
 from .dropout import dropout_add
-from .ms_deform_attn import MultiScaleDeformableAttention
+from .ms_deform_attn import MultiScaleDeformableAttention, level_shapes
 from .transformer import FeedForward, clone_layers
 
 
@@ -24,11 +25,29 @@ def flatten_levels(maps: List[Tensor]) -> Tensor:
     )
 
 
-def level_layout(maps: List[Tensor]) -> Tuple[Tensor, Tensor]:
-    """``spatial_shapes`` (L, 2) as (H, W) and ``level_start_index`` (L,), both int64."""
-    shapes = torch.as_tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=maps[0].device)
+def level_layout(maps: List[Tensor]) -> Tuple[Union[Tensor, List[Tuple[int, int]]], Tensor]:
+    """``spatial_shapes`` (L, 2) as (H, W) and ``level_start_index`` (L,), both int64.
+
+    While a graph is captured, ``spatial_shapes`` is the list of the maps' (H, W) instead: sizes
+    that stay symbolic, so the graph follows the input size (a tensor's values would be fixed or
+    data-dependent); everything that reads it takes either (:func:`level_shapes`).
+    """
+    sizes = [(m.shape[-2], m.shape[-1]) for m in maps]
+    shapes = torch.tensor(sizes, dtype=torch.long, device=maps[0].device)  # as_tensor specialises
     starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
-    return shapes, starts
+    return (sizes if graph_capture() is not None else shapes), starts
+
+
+def padding_or_none(mask: Tensor) -> Optional[Tensor]:
+    """``mask``, or None when it masks nothing, so that the attention skips zeroing the padded
+    values (and its backward) for a batch without padding (one image, or images of one size).
+
+    While a graph is captured (tracing, ``torch.export``, ONNX) the mask is always kept: the test
+    ``mask.any()`` is data-dependent, and zeroing with an all-False mask changes nothing.
+    """
+    if graph_capture() is not None:
+        return mask
+    return mask if mask.any() else None
 
 
 def valid_ratios(masks: List[Tensor]) -> Tensor:
@@ -45,10 +64,11 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
     """Pixel centres of every level normalised by its valid extent, then scaled by each level's
     valid ratio: (B, S, L, 2), as the official ``DeformableTransformerEncoder.get_reference_points``."""
     points = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+        # arange + 0.5: the official linspace(0.5, h - 0.5, h), exactly, for symbolic h as well
         ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, device=ratios.device),
-            torch.linspace(0.5, w - 0.5, w, device=ratios.device),
+            torch.arange(h, dtype=torch.float32, device=ratios.device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=ratios.device) + 0.5,
             indexing="ij",
         )
         ys = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)

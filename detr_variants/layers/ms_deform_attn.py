@@ -34,6 +34,7 @@ __all__ = [
     "MultiScaleDeformableAttention",
     "ms_deform_attn",
     "ms_deform_attn_pytorch",
+    "level_shapes",
     "native_available",
 ]
 
@@ -67,10 +68,12 @@ def _warn_once(reason: str) -> None:
         )
 
 
-def _level_shapes(spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]]) -> list:
+def level_shapes(spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]]) -> list:
+    """[(H, W)] per level from an (L, 2) tensor, or from (H, W) pairs as given: sizes that may be
+    symbolic (``torch.export``), which ``int()`` would fix to the capture-time value."""
     if isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+        return [tuple(hw) for hw in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def ms_deform_attn_pytorch(
@@ -99,7 +102,7 @@ def ms_deform_attn_pytorch(
     del level_start_index
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = _level_shapes(spatial_shapes)
+    shapes = level_shapes(spatial_shapes)
     value_list = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
     sampled = []
@@ -200,6 +203,8 @@ def ms_deform_attn(
         return ms_deform_attn_pytorch(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+    if not isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=value.device)
     return _MSDeformAttnFunction.apply(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
@@ -289,7 +294,7 @@ class MultiScaleDeformableAttention(nn.Module):
             reference_points: (N, Lq, L, 2) normalised (x, y) in [0, 1], or (N, Lq, L, 4) boxes
                 (cx, cy, w, h); with boxes the offsets are scaled by half the box size / P.
             input_flatten: (N, S, C), levels concatenated.
-            input_spatial_shapes: (L, 2) int64 (H, W).
+            input_spatial_shapes: (L, 2) int64 (H, W), or (H, W) pairs (see :func:`level_shapes`).
             input_level_start_index: (L,) int64.
             input_padding_mask: (N, S) bool, True at padding (those values are zeroed).
 
@@ -319,7 +324,10 @@ class MultiScaleDeformableAttention(nn.Module):
             # offsets are in pixels of each level, normalised by 1 / (W_l, H_l): scaling the
             # projection's rows instead of its output saves a pass over the offsets (and one in
             # the backward)
-            inv_size = 1.0 / input_spatial_shapes.flip(-1).to(query.dtype)  # (L, 2)
+            sizes = input_spatial_shapes
+            if not isinstance(sizes, torch.Tensor):  # torch.tensor keeps symbolic sizes symbolic
+                sizes = torch.tensor(sizes, device=query.device)
+            inv_size = 1.0 / sizes.flip(-1).to(query.dtype)  # (L, 2)
             row_scale = inv_size[None, :, None, :].expand(M, L, P, 2).reshape(-1)
             proj = self.sampling_offsets
             offsets = F.linear(query, proj.weight * row_scale[:, None], proj.bias * row_scale)

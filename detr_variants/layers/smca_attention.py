@@ -158,7 +158,7 @@ class SpatialModulation(nn.Module):
         c, s = self.centers_and_scales(x, centers, level_sizes)
         priors = []
         for lvl, (h, w) in enumerate(spatial_shapes):
-            prior = gaussian_log_prior(c[:, :, lvl], s[:, :, lvl], int(h), int(w), self.beta)
+            prior = gaussian_log_prior(c[:, :, lvl], s[:, :, lvl], h, w, self.beta)
             if self.level_distance_factors is not None:
                 prior = prior * self.level_distance_factors[lvl]
             priors.append(prior)
@@ -223,7 +223,7 @@ class GaussianModulatedAttention(nn.Module):
         """
         b, nq, _ = query.shape
         q, k, v = self._heads(query, 0), self._heads(key, 1), self._heads(value, 2)
-        lengths = [key.shape[1]] if level_lengths is None else [int(n) for n in level_lengths]
+        lengths = [key.shape[1]] if level_lengths is None else list(level_lengths)
         if sum(lengths) != key.shape[1]:
             raise ValueError(f"level_lengths {lengths} do not add up to {key.shape[1]} keys")
         if priors is not None and len(priors) != len(lengths):
@@ -234,7 +234,9 @@ class GaussianModulatedAttention(nn.Module):
             )
         masks = [None] * len(lengths)
         if key_padding_mask is not None:
-            masks = list(key_padding_mask[:, None, None, :].split(lengths, dim=-1))
+            mask = key_padding_mask[:, None, None, :]
+            # no one-chunk split: the ONNX exporter fixes its (symbolic) size to the example's
+            masks = [mask] if len(lengths) == 1 else list(mask.split(lengths, dim=-1))
         biases = []
         for lvl in range(len(lengths)):
             bias = masks[lvl]
@@ -365,7 +367,7 @@ class SMCADecoderLayer(nn.Module):
             memory,
             key_padding_mask=memory_key_padding_mask,
             priors=priors,
-            level_lengths=[int(h) * int(w) for h, w in spatial_shapes],
+            level_lengths=[h * w for h, w in spatial_shapes],
             level_weights=weights,
         )
         tgt = self.norm2(dropout_add(out, tgt, self.dropout, self.training))
@@ -479,7 +481,7 @@ class MultiScaleEncoder(nn.Module):
         level_lengths: Sequence[int],
     ) -> Tensor:
         """src, pos: (B, S, d), levels concatenated; key_padding_mask: (B, S); level_lengths sum to S."""
-        lengths = [int(n) for n in level_lengths]
+        lengths = list(level_lengths)
         pos_levels = pos.split(lengths, dim=1)
         mask_levels = (
             [None] * len(lengths)

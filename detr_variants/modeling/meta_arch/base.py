@@ -29,6 +29,37 @@ def set_prediction_outputs(logits: Tensor, boxes: Tensor, aux_loss: bool = True)
     return out
 
 
+def set_prediction_inference(
+    logits: Tensor,
+    boxes: Tensor,
+    image_sizes: List[Tuple[int, int]],
+    classification: str = "sigmoid",
+    topk: int = 100,
+) -> List[Instances]:
+    """(B, Q, C) logits and (B, Q, 4) normalised cxcywh boxes → per image ``Instances`` with
+    absolute xyxy boxes in the (resized) input frame and ``query_indices`` (the query behind each
+    detection): the top ``topk`` of queries × classes by sigmoid (focal-loss models), or the best
+    class per query by softmax without "no object"."""
+    if classification == "sigmoid":
+        b, q, c = logits.shape
+        scores, index = logits.sigmoid().flatten(1).topk(min(topk, q * c), dim=1)
+        labels, queries = index % c, index // c
+        boxes = boxes.gather(1, queries.unsqueeze(-1).expand(-1, -1, 4))
+    else:
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        queries = torch.arange(logits.shape[1], device=logits.device).repeat(len(labels), 1)
+    results = []
+    for s, l, bx, qi, (h, w) in zip(scores, labels, boxes, queries, image_sizes):
+        inst = Instances((h, w))
+        xyxy = box_cxcywh_to_xyxy(bx.float()) * bx.new_tensor([w, h, w, h], dtype=torch.float32)
+        inst.pred_boxes = Boxes(xyxy)
+        inst.scores = s.float()
+        inst.pred_classes = l
+        inst.query_indices = qi
+        results.append(inst)
+    return results
+
+
 class SetPredictionDetector(nn.Module):
     """Base class of the DETR-family meta-architectures.
 
@@ -159,24 +190,9 @@ class SetPredictionDetector(nn.Module):
     ) -> List[Instances]:
         """Scores and absolute xyxy boxes in the (resized) input image frame, and
         ``query_indices``: the decoder query behind each detection."""
-        if self.classification == "sigmoid":
-            b, q, c = logits.shape
-            scores, index = logits.sigmoid().flatten(1).topk(min(self.test_topk, q * c), dim=1)
-            labels, queries = index % c, index // c
-            boxes = boxes.gather(1, queries.unsqueeze(-1).expand(-1, -1, 4))
-        else:
-            scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-            queries = torch.arange(logits.shape[1], device=logits.device).repeat(len(labels), 1)
-        results = []
-        for s, l, bx, qi, (h, w) in zip(scores, labels, boxes, queries, image_sizes):
-            inst = Instances((h, w))
-            xyxy = box_cxcywh_to_xyxy(bx.float()) * bx.new_tensor([w, h, w, h], dtype=torch.float32)
-            inst.pred_boxes = Boxes(xyxy)
-            inst.scores = s.float()
-            inst.pred_classes = l
-            inst.query_indices = qi
-            results.append(inst)
-        return results
+        return set_prediction_inference(
+            logits, boxes, image_sizes, self.classification, self.test_topk
+        )
 
     @staticmethod
     def postprocess(

@@ -12,11 +12,12 @@ from torch import Tensor, nn
 from ...layers.deformable_transformer import (
     flatten_levels,
     level_layout,
+    padding_or_none,
     refine_reference,
     valid_ratios,
 )
 from ...layers.mlp import MLP
-from ...layers.ms_deform_attn import MultiScaleDeformableAttention
+from ...layers.ms_deform_attn import MultiScaleDeformableAttention, level_shapes
 from ...layers.position_encoding import sine_embed_coordinates
 from ..neck import MultiLevelNeck
 from .base import SetPredictionDetector, set_prediction_outputs
@@ -137,9 +138,7 @@ class DeformableDETR(SetPredictionDetector):
         spatial_shapes, level_start_index = level_layout(srcs)
         ratios = valid_ratios(masks)
         memory_mask = flatten_levels(masks)
-        # the attention zeroes the values at padding; a batch without any (one image, or images of
-        # one size) skips that pass, and its backward
-        value_mask = memory_mask if memory_mask.any() else None
+        value_mask = padding_or_none(memory_mask)  # the attention zeroes the values at padding
         memory = self.encoder(
             flatten_levels(srcs),
             flatten_levels(pos),
@@ -204,7 +203,7 @@ class DeformableDETR(SetPredictionDetector):
         (the official ``gen_encoder_output_proposals``)."""
         proposals: List[Tensor] = []
         start = 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
             mask = memory_mask[:, start : start + h * w].view(-1, h, w)
             valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
             ys, xs = torch.meshgrid(

@@ -1,6 +1,5 @@
 """SMCA (Gao et al., ICCV 2021): DETR with spatially modulated co-attention, single- and multi-scale."""
 
-import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -65,8 +64,9 @@ class SMCADETR(DETR):
         padded (h, w)."""
         memory, pos, mask = self.encode(images, padding_mask)
         stride = self.strides[0]
-        # detectron2's ResNet (and DC5) gives ceil(size / stride) cells for a padded size
-        shape = tuple(math.ceil(s / stride) for s in images.tensor.shape[-2:])
+        # detectron2's ResNet (and DC5) gives ceil(size / stride) cells for a padded size (no
+        # floor division of negative sizes: ONNX's truncates)
+        shape = tuple((s + stride - 1) // stride for s in images.tensor.shape[-2:])
         if shape[0] * shape[1] != memory.shape[1]:
             raise ValueError(
                 f"{memory.shape[1]} feature cells do not form a {shape} map for stride {stride}"
@@ -77,7 +77,7 @@ class SMCADETR(DETR):
         memory, pos, mask, spatial_shapes = self.encode_levels(images, padding_mask)
         self._check_levels(len(spatial_shapes))
         sizes = torch.tensor(
-            [[float(w), float(h)] for h, w in images.image_sizes], device=memory.device
+            [[w, h] for h, w in images.image_sizes], dtype=torch.float32, device=memory.device
         )
         strides = torch.tensor(self.strides, dtype=torch.float32, device=memory.device)
         level_sizes = (

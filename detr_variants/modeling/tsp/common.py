@@ -57,8 +57,8 @@ def mean_over_ranks(value: Tensor, minimum: float) -> float:
 def unmask_empty_rows(key_padding_mask: Tensor) -> Tensor:
     """Lets a sequence that is all padding attend to its first (zero) token instead of producing
     NaN; its outputs are discarded."""
-    empty = key_padding_mask.all(dim=1)
-    if key_padding_mask.shape[1] and empty.any():
-        key_padding_mask = key_padding_mask.clone()
-        key_padding_mask[empty, 0] = False
-    return key_padding_mask
+    if key_padding_mask.shape[1] == 0:
+        return key_padding_mask
+    # branch-free (no data-dependent test), so that it exports with any input
+    first = key_padding_mask[:, :1] & ~key_padding_mask.all(dim=1, keepdim=True)
+    return torch.cat([first, key_padding_mask[:, 1:]], dim=1)

@@ -128,8 +128,9 @@ def own_extent_masks(
     for (h, w), s in zip(shapes, strides):
         m = torch.ones((len(image_sizes), h, w), dtype=torch.bool, device=device)
         for i, (ih, iw) in enumerate(image_sizes):
-            eh, ew = -(-ih // d) * d, -(-iw // d) * d  # ceil to the multiple of d
-            m[i, : -(-eh // s), : -(-ew // s)] = False
+            # ceil to the multiple of d, then to cells (positive floor division: ONNX truncates)
+            eh, ew = (ih + d - 1) // d * d, (iw + d - 1) // d * d
+            m[i, : (eh + s - 1) // s, : (ew + s - 1) // s] = False
         masks.append(m)
     return masks
 
@@ -486,11 +487,12 @@ class TSPFCOS(SetPredictionDetector):
         if positive is not None:
             scores = torch.where(positive, 0.5 * (scores + 1), scores)
         scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
-        k = min(self.num_fois, scores.shape[1])
+        k = torch.sym_min(self.num_fois, scores.shape[1])  # stays symbolic in an export
         selected = scores.topk(k, dim=1).indices
         if self.training and self.random_drop < 1.0:
-            keep = torch.randperm(k, device=selected.device)[
-                : random_keep_count(k, self.random_drop)
+            n = int(k)  # training is eager: a plain int
+            keep = torch.randperm(n, device=selected.device)[
+                : random_keep_count(n, self.random_drop)
             ]
             selected = selected[:, keep]
         return selected
@@ -558,39 +560,67 @@ class TSPFCOS(SetPredictionDetector):
     def detect(
         self, outputs: Dict[str, Tensor], image_sizes: List[Tuple[int, int]]
     ) -> List[Instances]:
-        """As released: per level the top ``test_topk_per_level`` (FoI, class) pairs above
-        ``test_score_thresh``, score √p (no centerness), class-wise NMS, top ``test_topk``.
-        ``query_indices`` holds each detection's FoI (its column in ``outputs["selected"]``)."""
-        probs = outputs["pred_logits"].sigmoid()
-        results = []
-        for prob, boxes, levels, valid, size in zip(
-            probs, outputs["pred_boxes"], outputs["levels"], outputs["valid"], image_sizes
-        ):
-            keep_scores, keep_boxes, keep_classes, keep_fois = [], [], [], []
-            for level in range(len(self.in_features)):
-                idx = torch.nonzero((levels == level) & valid).squeeze(1)
-                p = prob[idx].flatten()
-                cand = torch.nonzero(p > self.test_score_thresh).squeeze(1)
-                top = p[cand].topk(min(self.test_topk_per_level, cand.numel())).indices
-                flat = cand[top]
-                keep_scores.append(p[flat].sqrt())
-                keep_fois.append(idx[flat // prob.shape[1]])
-                keep_boxes.append(boxes[keep_fois[-1]])
-                keep_classes.append(flat % prob.shape[1])
-            scores, boxes, classes, fois = (
-                torch.cat(keep_scores),
-                torch.cat(keep_boxes),
-                torch.cat(keep_classes),
-                torch.cat(keep_fois),
-            )
-            if self.test_nms_thresh is not None:
-                keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[: self.test_topk]
-            else:
-                keep = scores.topk(min(self.test_topk, scores.numel())).indices
-            inst = Instances(size)
-            inst.pred_boxes = Boxes(boxes[keep].float())
-            inst.scores = scores[keep].float()
-            inst.pred_classes = classes[keep]
-            inst.query_indices = fois[keep]  # the FoI (column of ``selected``) behind each
-            results.append(inst)
-        return results
+        """:func:`tsp_fcos_detections` with the model's test settings."""
+        return tsp_fcos_detections(
+            outputs["pred_logits"],
+            outputs["pred_boxes"],
+            outputs["levels"],
+            outputs["valid"],
+            image_sizes,
+            num_levels=len(self.in_features),
+            score_thresh=self.test_score_thresh,
+            topk_per_level=self.test_topk_per_level,
+            nms_thresh=self.test_nms_thresh,
+            topk=self.test_topk,
+        )
+
+
+def tsp_fcos_detections(
+    logits: Tensor,
+    boxes: Tensor,
+    levels: Tensor,
+    valid: Tensor,
+    image_sizes: List[Tuple[int, int]],
+    *,
+    num_levels: int,
+    score_thresh: float = 0.0,
+    topk_per_level: int = 1000,
+    nms_thresh: Optional[float] = 0.6,
+    topk: int = 100,
+) -> List[Instances]:
+    """TSP-FCOS inference as released: per level the top ``topk_per_level`` (FoI, class) pairs
+    above ``score_thresh``, score √p (no centerness), class-wise NMS (``nms_thresh=None``: none),
+    top ``topk``. ``logits`` (B, k, K), ``boxes`` (B, k, 4) absolute xyxy, ``levels`` and
+    ``valid`` (B, k) of the selected FoIs. ``query_indices`` holds each detection's FoI (its
+    column among the selected FoIs)."""
+    probs = logits.sigmoid()
+    results = []
+    for prob, boxes_i, levels_i, valid_i, size in zip(probs, boxes, levels, valid, image_sizes):
+        keep_scores, keep_boxes, keep_classes, keep_fois = [], [], [], []
+        for level in range(num_levels):
+            idx = torch.nonzero((levels_i == level) & valid_i).squeeze(1)
+            p = prob[idx].flatten()
+            cand = torch.nonzero(p > score_thresh).squeeze(1)
+            top = p[cand].topk(min(topk_per_level, cand.numel())).indices
+            flat = cand[top]
+            keep_scores.append(p[flat].sqrt())
+            keep_fois.append(idx[flat // prob.shape[1]])
+            keep_boxes.append(boxes_i[keep_fois[-1]])
+            keep_classes.append(flat % prob.shape[1])
+        scores, kept_boxes, classes, fois = (
+            torch.cat(keep_scores),
+            torch.cat(keep_boxes),
+            torch.cat(keep_classes),
+            torch.cat(keep_fois),
+        )
+        if nms_thresh is not None:
+            keep = batched_nms(kept_boxes, scores, classes, nms_thresh)[:topk]
+        else:
+            keep = scores.topk(min(topk, scores.numel())).indices
+        inst = Instances(size)
+        inst.pred_boxes = Boxes(kept_boxes[keep].float())
+        inst.scores = scores[keep].float()
+        inst.pred_classes = classes[keep]
+        inst.query_indices = fois[keep]
+        results.append(inst)
+    return results
