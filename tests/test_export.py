@@ -20,7 +20,7 @@ from detr_variants.engine.export import (
     postprocess_exported,
     torchscript_module,
 )
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.layers.deformable_transformer import padding_or_none
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.tsp.common import unmask_empty_rows

@@ -31,7 +31,7 @@ from detr_variants.engine.export import (
     pad_to_divisibility,
     save_exported,
 )
-from detr_variants.engine.train_loop import apply_overrides
+from detr_variants.engine.lazy_train import apply_overrides
 
 logger = logging.getLogger("export_model")
 
