@@ -35,7 +35,7 @@ PACKAGES=(
 IMAGE_HAS=(
   torch torchvision numpy scipy opencv-python-headless pillow matplotlib tqdm tabulate cloudpickle
   tensorboard packaging pyyaml portalocker typing-extensions transformers safetensors
-  pytest pytest-timeout
+  pytest pytest-timeout onnx onnxruntime onnxscript onnx-ir ml-dtypes flatbuffers
 )
 NOT_NEEDED=(
   black # detectron2 imports it only in LazyConfig.to_py, which nothing here calls

@@ -487,7 +487,14 @@ class TSPFCOS(SetPredictionDetector):
         if positive is not None:
             scores = torch.where(positive, 0.5 * (scores + 1), scores)
         scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
-        k = torch.sym_min(self.num_fois, scores.shape[1])  # stays symbolic in an export
+        n = scores.shape[1]
+        # torch.sym_min keeps an exported size symbolic; eager (int) and jit traces (a 0-d tensor,
+        # as fvcore's FLOP counter traces) take Python's min
+        k = (
+            torch.sym_min(self.num_fois, n)
+            if isinstance(n, torch.SymInt)
+            else min(self.num_fois, n)
+        )
         selected = scores.topk(k, dim=1).indices
         if self.training and self.random_drop < 1.0:
             n = int(k)  # training is eager: a plain int
