@@ -330,3 +330,59 @@ def small_hf_detr_config(config_class, *, d_model, heads, ffn, queries, num_labe
         num_labels=num_labels,
         **kwargs,
     )
+
+
+def linear_shapes(prefix, i, o):
+    """Official-layout parameter shapes of ``nn.Linear(i, o)`` named ``prefix``."""
+    return {f"{prefix}.weight": (o, i), f"{prefix}.bias": (o,)}
+
+
+def norm_shapes(prefix, d):
+    return {f"{prefix}.weight": (d,), f"{prefix}.bias": (d,)}
+
+
+def official_detr_layout_shapes(d, ffn, enc, queries, class_rows):
+    """Shapes of what every DETR-family release shares in DETR's layout (R18 ``input_proj``, the
+    queries, the class and box heads, the decoder's final norm and ``enc`` encoder layers); a
+    release adds its decoder layers."""
+    shapes = {
+        "input_proj.weight": (d, 512, 1, 1),
+        "input_proj.bias": (d,),
+        "query_embed.weight": (queries, d),
+        **linear_shapes("class_embed", d, class_rows),
+        **linear_shapes("bbox_embed.layers.0", d, d),
+        **linear_shapes("bbox_embed.layers.1", d, d),
+        **linear_shapes("bbox_embed.layers.2", d, 4),
+        **norm_shapes("transformer.decoder.norm", d),
+    }
+    for i in range(enc):
+        p = f"transformer.encoder.layers.{i}"
+        shapes.update(
+            {
+                f"{p}.self_attn.in_proj_weight": (3 * d, d),
+                f"{p}.self_attn.in_proj_bias": (3 * d,),
+                **linear_shapes(f"{p}.self_attn.out_proj", d, d),
+                **linear_shapes(f"{p}.linear1", d, ffn),
+                **linear_shapes(f"{p}.linear2", ffn, d),
+                **norm_shapes(f"{p}.norm1", d),
+                **norm_shapes(f"{p}.norm2", d),
+            }
+        )
+    return shapes
+
+
+def official_r18_state_dict(shapes, batch_counters=True, fan_in_scaled=True, seed=0):
+    """A torchvision ResNet-18 under ``backbone.0.body.`` (with ``num_batches_tracked``, as the
+    releases, unless ``batch_counters`` is False) plus random normal tensors of ``shapes``
+    (divided by the square root of the last dimension if ``fan_in_scaled``)."""
+    import torchvision
+
+    sd = {
+        f"backbone.0.body.{k}": v
+        for k, v in torchvision.models.resnet18().state_dict().items()
+        if not k.startswith("fc.") and (batch_counters or "num_batches_tracked" not in k)
+    }
+    g = torch.Generator().manual_seed(seed)
+    for k, shape in shapes.items():
+        sd[k] = torch.randn(shape, generator=g) / (shape[-1] ** 0.5 if fan_in_scaled else 1.0)
+    return sd

@@ -25,7 +25,11 @@ from helpers import (
     build_tiny,
     distinguishable_class_head,
     image_input,
+    linear_shapes,
+    norm_shapes,
     official_coco_rows,
+    official_detr_layout_shapes,
+    official_r18_state_dict,
     randomise_,
     set_prediction_train_step,
     small_hf_detr_config,
@@ -413,42 +417,11 @@ def test_hf_resnet_names_and_computation_match_detectron2_resnet50():
 def official_state_dict(d=256, ffn=1024, enc=3, dec=3, queries=50, classes=91):
     """An official-layout state dict (names written out as in Atten4Vis/ConditionalDETR) for an R18
     model, from random tensors of the official shapes."""
-    import torchvision
-
-    sd = {
-        f"backbone.0.body.{k}": v
-        for k, v in torchvision.models.resnet18().state_dict().items()
-        if not k.startswith("fc.") and "num_batches_tracked" not in k
-    }
-    lin = lambda prefix, i, o: {f"{prefix}.weight": (o, i), f"{prefix}.bias": (o,)}  # noqa: E731
-    ln = lambda prefix: {f"{prefix}.weight": (d,), f"{prefix}.bias": (d,)}  # noqa: E731
-    shapes = {
-        "input_proj.weight": (d, 512, 1, 1),
-        "input_proj.bias": (d,),
-        "query_embed.weight": (queries, d),
-        **lin("class_embed", d, classes),
-        **lin("bbox_embed.layers.0", d, d),
-        **lin("bbox_embed.layers.1", d, d),
-        **lin("bbox_embed.layers.2", d, 4),
-        **ln("transformer.decoder.norm"),
-        **lin("transformer.decoder.query_scale.layers.0", d, d),
-        **lin("transformer.decoder.query_scale.layers.1", d, d),
-        **lin("transformer.decoder.ref_point_head.layers.0", d, d),
-        **lin("transformer.decoder.ref_point_head.layers.1", d, 2),
-    }
-    for i in range(enc):
-        p = f"transformer.encoder.layers.{i}"
-        shapes.update(
-            {
-                f"{p}.self_attn.in_proj_weight": (3 * d, d),
-                f"{p}.self_attn.in_proj_bias": (3 * d,),
-                **lin(f"{p}.self_attn.out_proj", d, d),
-                **lin(f"{p}.linear1", d, ffn),
-                **lin(f"{p}.linear2", ffn, d),
-                **ln(f"{p}.norm1"),
-                **ln(f"{p}.norm2"),
-            }
-        )
+    shapes = official_detr_layout_shapes(d, ffn, enc, queries, classes)
+    heads = {"query_scale.layers.0": d, "query_scale.layers.1": d}
+    heads |= {"ref_point_head.layers.0": d, "ref_point_head.layers.1": 2}
+    for name, out in heads.items():  # the MLPs of the conditional spatial query
+        shapes.update(linear_shapes(f"transformer.decoder.{name}", d, out))
     for i in range(dec):
         p = f"transformer.decoder.layers.{i}"
         projections = [
@@ -466,18 +439,13 @@ def official_state_dict(d=256, ffn=1024, enc=3, dec=3, queries=50, classes=91):
             "cross_attn.out_proj",
         ] + (["ca_qpos_proj"] if i == 0 else [])
         for name in projections:
-            shapes.update(lin(f"{p}.{name}", d, d))
+            shapes.update(linear_shapes(f"{p}.{name}", d, d))
         shapes.update(
-            {
-                **lin(f"{p}.linear1", d, ffn),
-                **lin(f"{p}.linear2", ffn, d),
-                **ln(f"{p}.norm1"),
-                **ln(f"{p}.norm2"),
-                **ln(f"{p}.norm3"),
-            }
+            {**linear_shapes(f"{p}.linear1", d, ffn), **linear_shapes(f"{p}.linear2", ffn, d)}
         )
-    g = torch.Generator().manual_seed(0)
-    sd.update({k: torch.randn(s, generator=g) for k, s in shapes.items()})
+        for n in (1, 2, 3):
+            shapes.update(norm_shapes(f"{p}.norm{n}", d))
+    sd = official_r18_state_dict(shapes, batch_counters=False, fan_in_scaled=False)
     sd["class_embed.bias"] = torch.arange(float(classes))
     return sd
 

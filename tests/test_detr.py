@@ -26,7 +26,11 @@ from helpers import (
     build_tiny,
     distinguishable_class_head,
     image_input,
+    linear_shapes,
+    norm_shapes,
     official_coco_rows,
+    official_detr_layout_shapes,
+    official_r18_state_dict,
     randomise_,
     set_prediction_train_step,
     small_hf_detr_config,
@@ -328,43 +332,21 @@ def official_detr_state_dict(d=256, ffn=1024, enc=3, dec=3, queries=50, rows=92)
     """An official-layout state dict (names written out as in facebookresearch/detr
     ``models/detr.py`` and ``models/transformer.py``) for an R18 model, random tensors of the
     official shapes."""
-    import torchvision
-
-    sd = {
-        f"backbone.0.body.{k}": v
-        for k, v in torchvision.models.resnet18().state_dict().items()
-        if not k.startswith("fc.")
-    }  # num_batches_tracked included, as in the releases
-    lin = lambda prefix, i, o: {f"{prefix}.weight": (o, i), f"{prefix}.bias": (o,)}  # noqa: E731
-    ln = lambda prefix: {f"{prefix}.weight": (d,), f"{prefix}.bias": (d,)}  # noqa: E731
     mha = lambda prefix: {  # noqa: E731
         f"{prefix}.in_proj_weight": (3 * d, d),
         f"{prefix}.in_proj_bias": (3 * d,),
-        **lin(f"{prefix}.out_proj", d, d),
+        **linear_shapes(f"{prefix}.out_proj", d, d),
     }
-    shapes = {
-        "input_proj.weight": (d, 512, 1, 1),
-        "input_proj.bias": (d,),
-        "query_embed.weight": (queries, d),
-        **lin("class_embed", d, rows),
-        **lin("bbox_embed.layers.0", d, d),
-        **lin("bbox_embed.layers.1", d, d),
-        **lin("bbox_embed.layers.2", d, 4),
-        **ln("transformer.decoder.norm"),
-    }
-    for i in range(enc):
-        p = f"transformer.encoder.layers.{i}"
-        shapes.update(mha(f"{p}.self_attn"))
-        shapes.update({**lin(f"{p}.linear1", d, ffn), **lin(f"{p}.linear2", ffn, d)})
-        shapes.update({**ln(f"{p}.norm1"), **ln(f"{p}.norm2")})
+    shapes = official_detr_layout_shapes(d, ffn, enc, queries, rows)
     for i in range(dec):
         p = f"transformer.decoder.layers.{i}"
         shapes.update({**mha(f"{p}.self_attn"), **mha(f"{p}.multihead_attn")})
-        shapes.update({**lin(f"{p}.linear1", d, ffn), **lin(f"{p}.linear2", ffn, d)})
-        shapes.update({**ln(f"{p}.norm1"), **ln(f"{p}.norm2"), **ln(f"{p}.norm3")})
-    g = torch.Generator().manual_seed(0)
-    sd.update({k: torch.randn(s, generator=g) / s[-1] ** 0.5 for k, s in shapes.items()})
-    return sd
+        shapes.update(
+            {**linear_shapes(f"{p}.linear1", d, ffn), **linear_shapes(f"{p}.linear2", ffn, d)}
+        )
+        for n in (1, 2, 3):
+            shapes.update(norm_shapes(f"{p}.norm{n}", d))
+    return official_r18_state_dict(shapes)
 
 
 def official_model(num_classes=80):
