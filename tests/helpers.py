@@ -4,6 +4,17 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 
+def load_script(repo_root, *path):
+    """A script of the repository (e.g. ``"tools", "benchmark.py"``) imported as a module."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(path[-1][:-3], os.path.join(repo_root, *path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def image_input(h, w, boxes=(), classes=(), seed=0, with_instances=True):
     """A detectron2 model input with a random image and (optionally) GT instances."""
     g = torch.Generator().manual_seed(seed)

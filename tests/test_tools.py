@@ -1,7 +1,6 @@
 """The user-facing tools on tiny shapes: configs that detectron2's tools accept, the inference
 demo (demo/demo.py), tools/analyze_model.py and tools/benchmark.py --config-file."""
 
-import importlib.util
 import json
 import os
 
@@ -16,7 +15,7 @@ from detr_variants.engine import resolve_device
 from detr_variants.layers.ms_deform_attn import MultiScaleDeformableAttention
 from detr_variants.model_zoo import config_path
 from detr_variants.utils.analysis import FLOP_HANDLES
-from helpers import tiny_run_overrides
+from helpers import load_script, tiny_run_overrides
 
 SYNTHETIC_CONFIGS = [
     "detr/detr_r18_synthetic",
@@ -32,13 +31,6 @@ _ONE = ["model.encoder.num_layers=1", "model.decoder.num_layers=1"]
 ONE_LAYER = {name: _ONE for name in SYNTHETIC_CONFIGS[:4]}
 ONE_LAYER.update({"smca_detr/smca_ms_r18_synthetic": _ONE[1:]})
 ONE_LAYER.update({name: [] for name in SYNTHETIC_CONFIGS[5:]})
-
-
-def load_script(repo_root, *path):
-    spec = importlib.util.spec_from_file_location(path[-1][:-3], os.path.join(repo_root, *path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------ configs for detectron2's tools

@@ -4,7 +4,7 @@ import difflib
 import inspect
 import logging
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import hooks
@@ -168,13 +168,23 @@ def clip_parameters(model, name_filter: Optional[str]) -> Optional[List]:
     return params
 
 
-def train(cfg, resume: bool = False) -> Dict:
+def train(
+    cfg,
+    resume: bool = False,
+    extra_hooks: Optional[Callable[[Callable[[], Dict]], Sequence[hooks.HookBase]]] = None,
+) -> Dict:
     """Trains ``cfg.model`` with ``cfg.optimizer``, ``cfg.lr_multiplier`` and ``cfg.train``:
 
     AMP (``train.amp``), gradient clipping (``train.clip_grad``), EMA (``train.ema``), periodic
     checkpoints (``train.checkpointer``) that ``resume=True`` continues from (iteration,
     optimizer, scheduler, EMA), periodic evaluation (``train.eval_period``) and console (with
     ETA) / JSON / TensorBoard writers in ``train.output_dir``.
+
+    Args:
+        extra_hooks: builds more hooks from the evaluation function (``dataloader.evaluator``
+            on the EMA weights when enabled). They run after each step's EMA and LR updates and
+            before the periodic checkpoint, so the checkpoint holds their ``state_dict`` as of
+            the iteration it saves.
     """
     model = build_model(cfg)
     cfg.optimizer.params.model = model
@@ -224,6 +234,7 @@ def train(cfg, resume: bool = False) -> Dict:
             hooks.LRScheduler(
                 scheduler=LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter)
             ),
+            *(extra_hooks(evaluate_and_keep) if extra_hooks is not None else ()),
             hooks.PeriodicCheckpointer(checkpointer, max_iter=max_iter, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
