@@ -150,7 +150,8 @@ def convert_hf_detr_layout(
     ``head_rows``. Unknown keys and incomplete q/k/v raise.
     """
     ours_of = {"self_attn": "self_attn", "encoder_attn": "cross_attn"}
-    rest, qkv = {}, {}
+    rest: StateDict = {}
+    qkv: Dict[str, StateDict] = {}
     for key, value in state_dict.items():
         proj = _HF_QKV.fullmatch(key)
         if proj and (proj.group(1), proj.group(3)) in stacked:
