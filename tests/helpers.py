@@ -109,40 +109,24 @@ def set_prediction_train_step(model, batch):
     return losses
 
 
-def to_official_detr_names(state_dict, rules, class_rows=91, class_copies=("",)):
-    """Our names → a DETR-family release's (a converter's inverse), to test the converter with.
+def to_official_detr_names(state_dict, table, class_rows=91, class_copies=("",)):
+    """Our names → a DETR-family release's, through the inverse of the converter's own name
+    ``table`` (:func:`~detr_variants.checkpoint.names.rename_back`), to test the converter with.
 
-    The ResNet goes under ``backbone.0.body.`` with torchvision names; other names go through
-    ``rules`` ((pattern, replacement), the first match wins); class heads are spread over
-    ``class_rows`` rows indexed by COCO id (random in the unused rows) and stored under each prefix
-    of ``class_copies`` (Deformable DETR also keeps one in ``transformer.decoder.``).
+    Class heads are spread over ``class_rows`` rows indexed by COCO id (random in the unused rows)
+    and stored under each prefix of ``class_copies`` (Deformable DETR also keeps one in
+    ``transformer.decoder.``). The names alone prove nothing about the table: each converter's
+    literal names are checked in ``test_convert_common.py``.
     """
-    import re
-
-    import torchvision
-
     from detr_variants.checkpoint import COCO_THING_IDS
-    from detr_variants.checkpoint.convert import torchvision_resnet_name
+    from detr_variants.checkpoint.names import rename_back
 
-    tv = {
-        torchvision_resnet_name(k): k
-        for k in torchvision.models.resnet50().state_dict()
-        if not k.startswith("fc.")
-    }
-    out = {}
-    for name, value in state_dict.items():
-        if name.startswith("backbone."):
-            out["backbone.0.body." + tv[name[len("backbone.") :]]] = value
-        elif name.startswith("class_embed."):
-            full = torch.randn(class_rows, *value.shape[1:])
-            full[torch.as_tensor(COCO_THING_IDS)] = value
-            out.update({prefix + name: full for prefix in class_copies})
-        else:
-            for pattern, repl in rules:
-                name, n = re.subn(pattern, repl, name)
-                if n:
-                    break
-            out[name] = value
+    heads = {k: v for k, v in state_dict.items() if k.startswith("class_embed.")}
+    out = rename_back({k: v for k, v in state_dict.items() if k not in heads}, table)
+    for name, value in heads.items():
+        full = torch.randn(class_rows, *value.shape[1:])
+        full[torch.as_tensor(COCO_THING_IDS)] = value
+        out.update({prefix + name: full for prefix in class_copies})
     return out
 
 

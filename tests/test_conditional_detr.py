@@ -9,7 +9,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from detr_variants.checkpoint import COCO_THING_IDS, Checkpointer, convert_checkpoint
-from detr_variants.checkpoint.hf_resnet import hf_resnet_name
+from detr_variants.checkpoint.hf_resnet import hf_backbone_name, hf_resnet_name
 from detr_variants.layers import PositionEmbeddingSine, TransformerEncoder, TransformerEncoderLayer
 from detr_variants.layers.conditional_attention import (
     ConditionalDecoder,
@@ -402,8 +402,9 @@ def test_hf_resnet_names_and_computation_match_detectron2_resnet50():
     assert None not in mapped and len(mapped) == len(hf_sd)
     assert set(mapped) == set(d2.state_dict())
     assert all(
-        hf_resnet_name("model.backbone.model." + k) == hf_resnet_name(k) for k in hf_sd
-    )  # prefixes ignored
+        hf_backbone_name("model.backbone.model." + k) == "backbone." + hf_resnet_name(k)
+        for k in hf_sd
+    )  # under the HF DETR-family backbone's prefix
     d2.load_state_dict(mapped)
     # float64: with random BatchNorm statistics res5 reaches 5e4, and make_resnet folds
     # the frozen BatchNorm into the convolutions, so float32 rounding would differ by ~0.1

@@ -5,6 +5,7 @@ from detectron2.config import instantiate
 from detectron2.structures import ImageList
 
 from detr_variants.checkpoint import COCO_THING_IDS, convert_checkpoint
+from detr_variants.checkpoint.deformable_detr import OFFICIAL_NAMES
 from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.model_zoo import get_config
 from helpers import (
@@ -187,23 +188,12 @@ def test_same_outputs_as_hf_transformers(with_box_refine, two_stage, tmp_path):
 
 
 def _official_names(state_dict):
-    """Our names → the official repository's (the inverse of the converter's rules)."""
-    rules = [
-        (r"^encoder\.layers\.(\d+)\.norm\.", r"transformer.encoder.layers.\1.norm1."),
-        (r"^encoder\.layers\.(\d+)\.ffn\.linear", r"transformer.encoder.layers.\1.linear"),
-        (r"^encoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.encoder.layers.\1.norm2."),
-        (r"^decoder\.layers\.(\d+)\.norm1\.", r"transformer.decoder.layers.\1.norm2."),
-        (r"^decoder\.layers\.(\d+)\.norm2\.", r"transformer.decoder.layers.\1.norm1."),
-        (r"^decoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.decoder.layers.\1.norm3."),
-        (r"^decoder\.layers\.(\d+)\.ffn\.linear", r"transformer.decoder.layers.\1.linear"),
-        (r"^(encoder|decoder)\.", r"transformer.\1."),
-        (r"^neck\.input_proj\.", "input_proj."),
-        (r"^neck\.(level_embed)", r"transformer.\1"),
-        (r"^(reference_points|enc_output|pos_trans)", r"transformer.\1"),
-    ]
+    """Our names → the official repository's (the inverse of the converter's table)."""
     state_dict = dict(state_dict)
     proposal = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith("proposal_class_")}
-    out = to_official_detr_names(state_dict, rules, class_copies=("", "transformer.decoder."))
+    out = to_official_detr_names(
+        state_dict, OFFICIAL_NAMES, class_copies=("", "transformer.decoder.")
+    )
     # two-stage: the proposal score is column 0 of class head L (after the decoder layers' heads)
     num_layers = len({k.split(".")[1] for k in state_dict if k.startswith("class_embed.")})
     for name, value in proposal.items():

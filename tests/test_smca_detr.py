@@ -9,6 +9,7 @@ from detectron2.config import instantiate
 from torch import nn
 
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
+from detr_variants.checkpoint.smca import OFFICIAL_NAMES
 from detr_variants.layers import TransformerEncoderLayer
 from detr_variants.layers.smca_attention import (
     GaussianModulatedAttention,
@@ -479,30 +480,9 @@ def test_coco_configs_follow_the_recipe(name):
 
 # ------------------------------------------------------------------ official checkpoints
 def _official_names(state_dict):
-    """Our names → the released SMCA repository's (the inverse of the converter), with the head
-    spread over 92 rows indexed by COCO id."""
-    rules = [
-        (r"^encoder\.layers\.(\d+)\.norm\.", r"transformer.encoder.layers.\1.norm1."),
-        (r"^encoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.encoder.layers.\1.norm2."),
-        (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear", r"transformer.\1.layers.\2.linear"),
-        (r"^decoder\.layers\.(\d+)\.ffn\.norm\.", r"transformer.decoder.layers.\1.norm3."),
-        (r"^decoder\.layers\.(\d+)\.prior_norm\.", r"transformer.decoder.layers.\1.norm4."),
-        (
-            r"^decoder\.layers\.(\d+)\.cross_attn\.",
-            r"transformer.decoder.layers.\1.multihead_attn.",
-        ),
-        (
-            r"^decoder\.layers\.(\d+)\.modulation\.offsets\.",
-            r"transformer.decoder.layers.\1.point2.",
-        ),
-        (
-            r"^decoder\.layers\.(\d+)\.modulation\.scales\.",
-            r"transformer.decoder.layers.\1.point3.",
-        ),
-        (r"^decoder\.center_head\.", "transformer.decoder.layers.0.point1."),
-        (r"^(encoder|decoder)\.", r"transformer.\1."),
-    ]
-    return to_official_detr_names(state_dict, rules, class_rows=92)
+    """Our names → the released SMCA repository's (the inverse of the converter's table), with the
+    head spread over 92 rows indexed by COCO id."""
+    return to_official_detr_names(state_dict, OFFICIAL_NAMES, class_rows=92)
 
 
 def test_official_converter_round_trip():

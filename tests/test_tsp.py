@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import os
-import re
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from torch import nn
 
 from detr_variants.checkpoint import Checkpointer, convert_checkpoint
+from detr_variants.checkpoint.names import rename_back
+from detr_variants.checkpoint.tsp import FCOS_NAMES, RCNN_NAMES
 from detr_variants.engine.lazy_train import (
     apply_overrides,
     clip_parameters,
@@ -690,71 +691,21 @@ def test_training_loop_with_the_hybrid_optimizer_checkpoints_and_resumes(tiny_sh
 
 # ------------------------------------------------------------------ official checkpoints
 def _official_fcos_names(state_dict):
-    """Our TSP-FCOS names → the released ``MyFCOS`` names (the converter's inverse)."""
-    rules = [
-        (r"^backbone\.top_block\.(p[67])\.norm\.", r"backbone.top_block.\1.bn."),
-        (r"^backbone\.top_block\.(p[67])\.(weight|bias)$", r"backbone.top_block.\1.conv.\2"),
-        (r"^foi_head\.cls_subnet\.", "fcos_head.cls_tower."),
-        (r"^foi_head\.bbox_subnet\.", "fcos_head.bbox_tower."),
-        (r"^foi_head\.cls_score\.", "fcos_head.cls_logits."),
-        (r"^level_embed$", "pyramid_position_embedding"),
-        (r"^input_proj\.", "enc_proj."),
-        (r"^input_norm\.", "post_enc_proj_norm."),
-        (r"^class_embed\.", "cls_logits."),
-        (r"^bbox_embed\.", "bbox_pred."),
-        (r"^encoder\.", "transformer_encoder."),
-    ]
-    return _rename(state_dict, rules) | {
+    """Our TSP-FCOS names → the released ``MyFCOS`` names (the inverse of the converter's table),
+    with the persistent buffers the release holds."""
+    return rename_back(state_dict, FCOS_NAMES) | {
         "pixel_mean": torch.zeros(3, 1, 1),
         "pixel_std": torch.ones(3, 1, 1),
     }
 
 
 def _official_rcnn_names(state_dict):
-    """Our TSP-RCNN names → the released ones (the converter's inverse)."""
-    rpn = "proposal_generator.rpn_head."
-    rules = [
-        (r"^backbone\.top_block\.(p[67])\.norm\.", r"backbone.top_block.\1.bn."),
-        (r"^backbone\.top_block\.(p[67])\.(weight|bias)$", r"backbone.top_block.\1.conv.\2"),
-        (r"^" + rpn + r"(obj|anchor)_convs\.(\d+)\.", rpn + r"\1_conv.\2.conv."),
-        (r"^" + rpn + r"(obj|anchor)_norms\.", rpn + r"\1_bn_list."),
-        (
-            r"^roi_heads\.box_head\.((?:\d+\.)?)encoder\.",
-            r"roi_heads.box_head.\1transformer_encoder.",
-        ),
-        (
-            r"^roi_heads\.box_head\.((?:\d+\.)?)input_norm\.",
-            r"roi_heads.box_head.\1post_input_proj_norm.",
-        ),
-        (
-            r"^roi_heads\.box_head\.((?:\d+\.)?)pos_proj\.",
-            r"roi_heads.box_head.\1dec_pos_embed_proj.",
-        ),
-    ]
-    return _rename(state_dict, rules) | {
+    """Our TSP-RCNN names → the released ones (the inverse of the converter's table)."""
+    return rename_back(state_dict, RCNN_NAMES) | {
         "pixel_mean": torch.zeros(3, 1, 1),
         "pixel_std": torch.ones(3, 1, 1),
         "proposal_generator.anchor_generator.cell_anchors.0": torch.zeros(9, 4),
     }
-
-
-def _rename(state_dict, rules):
-    layer = [
-        (r"\.ffn\.norm\.", ".norm2."),
-        (r"\.ffn\.linear", ".linear"),
-        (r"\.layers\.(\d+)\.norm\.", r".layers.\1.norm1."),
-    ]
-    out = {}
-    for name, value in state_dict.items():
-        for pattern, repl in rules:
-            name, n = re.subn(pattern, repl, name)
-            if n:
-                break
-        if "transformer_encoder.layers." in name:
-            for pattern, repl in layer:
-                name = re.sub(pattern, repl, name)
-        out[name] = value
-    return out
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,11 @@ from .convert import (
     StateDict,
     class_head_rows,
     convert_official_detr_layout,
-    layer_tables,
+    official_detr_layout,
     register_converter,
 )
-from .detr import HF_DECODER, HF_TOP, convert_hf_detr_layout
+from .detr import HF_DECODER, HF_TOP, convert_hf_detr_layout, hf_detr_layout
+from .names import same
 
 _OFFICIAL_DECODER = {name: name for name in ("self_attn", "cross_attn", "norm1", "norm2")}
 _OFFICIAL_DECODER.update(
@@ -29,22 +30,28 @@ _OFFICIAL_DECODER.update(
     }
 )
 _OFFICIAL_DECODER.update(ca_qpos_sine_proj="ca_qpos_sine_proj", **OFFICIAL_DECODER_FFN)
-_OFFICIAL_LAYERS = layer_tables(OFFICIAL_ENCODER_LAYER, _OFFICIAL_DECODER)
-_OFFICIAL_KEEP = (
-    r"(transformer\.decoder\.(norm|query_scale|ref_point_head)|bbox_embed|query_embed|input_proj)\."
+OFFICIAL_NAMES = official_detr_layout(
+    OFFICIAL_ENCODER_LAYER,
+    _OFFICIAL_DECODER,
+    [
+        (f"transformer.decoder.{module}.{{leaf+}}", f"decoder.{module}.{{leaf+}}")
+        for module in ("norm", "query_scale", "ref_point_head")
+    ]
+    + same("bbox_embed", "query_embed", "input_proj"),
 )
 
 
 @register_converter("official", "conditional_detr")
 def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -> StateDict:
-    """Official checkpoint (``backbone.0.body.*`` torchvision ResNet, ``transformer.*``, heads).
+    """Official checkpoint (``backbone.0.body.*`` torchvision ResNet, ``transformer.*``, heads;
+    :data:`OFFICIAL_NAMES`).
 
     Args:
         num_classes: classes of the target model; ``None`` maps a 91-row COCO head to 80 classes
             and keeps any other head.
     """
     return convert_official_detr_layout(
-        state_dict, _OFFICIAL_LAYERS, _OFFICIAL_KEEP, "official Conditional DETR", num_classes
+        state_dict, OFFICIAL_NAMES, "official Conditional DETR", num_classes
     )
 
 
@@ -61,22 +68,25 @@ for _hf, _ours in [
 ]:
     for _hf_module, _prefix in (("self_attn", "sa_"), ("encoder_attn", "ca_")):
         _HF_DECODER[f"{_hf_module}.{_hf}"] = _HF_DECODER[_prefix + _ours] = _prefix + _ours
-_HF_TOP = {
-    **HF_TOP,
-    "model.decoder.query_scale.": "decoder.query_scale.",
-    "model.decoder.ref_point_head.": "decoder.ref_point_head.",
-}
+HF_NAMES = hf_detr_layout(
+    _HF_DECODER,
+    HF_TOP
+    + [
+        (f"model.decoder.{module}.{{leaf+}}", f"decoder.{module}.{{leaf+}}")
+        for module in ("query_scale", "ref_point_head")
+    ],
+)
 
 
 @register_converter("hf", "conditional_detr")
 def convert_hf(state_dict: StateDict, num_classes: Optional[int] = None) -> StateDict:
     """HF ``ConditionalDetrForObjectDetection`` state dict → ours.
 
-    Reads both the HF-ResNet backbone (``use_timm_backbone=False``, see :func:`~.hf_resnet.hf_resnet_name`)
-    and the timm one of the hub checkpoints (torchvision names), and both the current and the
-    legacy (``sa_qcontent_proj``, ``fc1``, ``out_proj``, ``conv_encoder``) layer names (see
-    :func:`~.detr.convert_hf_detr_layout`). Only the encoder's self-attention has separate q/k/v
-    projections to stack; the decoder's conditional projections keep their names.
+    Reads both the HF-ResNet backbone (``use_timm_backbone=False``, see
+    :data:`~.hf_resnet.HF_RESNET`) and the timm one of the hub checkpoints (torchvision names),
+    and both the current and the legacy (``sa_qcontent_proj``, ``fc1``, ``out_proj``,
+    ``conv_encoder``) layer names (:data:`HF_NAMES`). Only the encoder's self-attention has
+    separate q/k/v projections to stack; the decoder's conditional projections keep their names.
 
     Args:
         num_classes: classes of the target model. ``None`` maps a 91-label COCO head (the hub
@@ -85,8 +95,7 @@ def convert_hf(state_dict: StateDict, num_classes: Optional[int] = None) -> Stat
     """
     return convert_hf_detr_layout(
         state_dict,
-        _HF_DECODER,
-        _HF_TOP,
+        HF_NAMES,
         {("encoder", "self_attn")},
         lambda head: class_head_rows(head, num_classes),
         "HF Conditional DETR",

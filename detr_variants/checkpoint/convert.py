@@ -2,16 +2,19 @@
 this repository's models.
 
 Each converter is registered for a (source, arch) pair and maps a state dict to one that
-``DetectionCheckpointer`` loads into the matching config's model. The pieces every converter
-needs live here: torchvision-ResNet names → detectron2 names, and COCO class heads indexed by
-the 91 raw category ids → detectron2's 80 contiguous classes.
+``DetectionCheckpointer`` loads into the matching config's model. Its renaming is a declared
+:class:`~.names.NameTable` of ``(official, ours)`` name patterns, which the tests invert to build
+released state dicts from our models. The pieces every converter needs live here:
+torchvision-ResNet names → detectron2 names, the names of DETR's layout, and COCO class heads
+indexed by the 91 raw category ids → detectron2's 80 contiguous classes.
 """
 
-import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .names import BATCHNORM_COUNTERS, NameTable, Row, module_rows, rename, same
 
 StateDict = Dict[str, Tensor]
 _CONVERTERS: Dict[tuple, Callable[[StateDict], StateDict]] = {}
@@ -158,38 +161,28 @@ def class_head_rows(weight: Tensor, num_classes: Optional[int] = None) -> Tensor
     raise ValueError(f"class head has {rows} rows; cannot make {num_classes} classes of it")
 
 
-_TV_STAGE = {"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}
+# torchvision ResNet names → detectron2 ``ResNet`` names: ``conv1``/``bn1`` → the stem,
+# ``layerK.i.convJ``/``bnJ`` → ``res{K+1}.i.convJ``/``.convJ.norm``, ``downsample.0``/``.1`` →
+# ``shortcut``/``shortcut.norm``.
+TORCHVISION_RESNET = NameTable(
+    [("conv1.{leaf}", "stem.conv1.{leaf}"), ("bn1.{leaf}", "stem.conv1.norm.{leaf}")]
+    + [
+        row
+        for k in range(1, 5)
+        for row in [
+            (f"layer{k}.{{i}}.conv{{j}}.{{leaf}}", f"res{k + 1}.{{i}}.conv{{j}}.{{leaf}}"),
+            (f"layer{k}.{{i}}.bn{{j}}.{{leaf}}", f"res{k + 1}.{{i}}.conv{{j}}.norm.{{leaf}}"),
+            (f"layer{k}.{{i}}.downsample.0.{{leaf}}", f"res{k + 1}.{{i}}.shortcut.{{leaf}}"),
+            (f"layer{k}.{{i}}.downsample.1.{{leaf}}", f"res{k + 1}.{{i}}.shortcut.norm.{{leaf}}"),
+        ]
+    ]
+)
 
 
 def torchvision_resnet_name(name: str) -> Optional[str]:
-    """torchvision ResNet parameter name → detectron2 ``ResNet`` name (None if not a ResNet name).
-
-    ``conv1``/``bn1`` → ``stem.conv1``/``stem.conv1.norm``; ``layerK.i.convJ``/``bnJ`` →
-    ``res{K+1}.i.convJ``/``.convJ.norm``; ``downsample.0``/``.1`` → ``shortcut``/``shortcut.norm``.
-    """
-    m = re.fullmatch(r"(conv1|bn1)\.(.+)", name)
-    if m:
-        return "stem.conv1." + ("norm." if m.group(1) == "bn1" else "") + m.group(2)
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(.+)", name)
-    if not m:
-        return None
-    stage, block, part, leaf = m.groups()
-    prefix = f"{_TV_STAGE['layer' + stage]}.{block}."
-    if part.startswith("conv"):
-        return prefix + f"{part}.{leaf}"
-    if part.startswith("bn"):
-        return prefix + f"conv{part[2:]}.norm.{leaf}"
-    return prefix + ("shortcut." if part.endswith("0") else "shortcut.norm.") + leaf
-
-
-def split_prefix(state_dict: StateDict, prefix: str) -> StateDict:
-    """The entries under ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def drop_batchnorm_counters(state_dict: StateDict) -> StateDict:
-    """FrozenBatchNorm has no ``num_batches_tracked``."""
-    return {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    """torchvision ResNet parameter name → detectron2 ``ResNet`` name (None if not a ResNet name;
+    see :data:`TORCHVISION_RESNET`)."""
+    return TORCHVISION_RESNET.to_ours(name)
 
 
 # Module names inside the official DETR-family layers (DETR, Conditional DETR, SMCA and Deformable
@@ -203,75 +196,40 @@ OFFICIAL_ENCODER_LAYER = {
 }
 OFFICIAL_DECODER_FFN = {"norm3": "ffn.norm", **OFFICIAL_FFN}
 
-LayerTarget = Callable[[str, str, str], Optional[str]]
+
+def official_detr_layout(
+    encoder: Dict[str, str], decoder: Dict[str, str], others: Sequence[Row]
+) -> NameTable:
+    """The names of DETR's checkpoint layout, which the releases built on its code share.
+
+    A torchvision ResNet under ``backbone.0.body.`` (BatchNorm counters dropped), the modules of
+    ``transformer.{encoder,decoder}.layers.<i>`` renamed by ``encoder`` / ``decoder``, the class
+    head ``class_embed`` and the release's ``others`` rows.
+    """
+    return NameTable(
+        BATCHNORM_COUNTERS
+        + list(TORCHVISION_RESNET.prefixed("backbone.0.body.", "backbone.").rows)
+        + module_rows("transformer.encoder.layers", "encoder.layers", encoder)
+        + module_rows("transformer.decoder.layers", "decoder.layers", decoder)
+        + same("class_embed")
+        + list(others)
+    )
 
 
-def layer_tables(encoder: Dict[str, str], decoder: Dict[str, str]) -> LayerTarget:
-    """``(part, index, rest) -> our name`` renaming the first module of ``rest`` through the
-    encoder's or the decoder's table (None for a module neither table knows)."""
-
-    def target(part: str, index: str, rest: str) -> Optional[str]:
-        module, _, leaf = rest.partition(".")
-        table = encoder if part == "encoder" else decoder
-        return f"{part}.layers.{index}.{table[module]}.{leaf}" if module in table else None
-
-    return target
-
-
-def neck_names(state_dict: StateDict) -> StateDict:
-    """Multi-level models keep their level projections and level embedding in ``neck``
-    (:class:`~detr_variants.modeling.neck.MultiLevelNeck`): ``input_proj.*`` and ``level_embed``
-    → ``neck.input_proj.*`` and ``neck.level_embed``."""
-    return {
-        "neck." + k if k.startswith("input_proj.") or k == "level_embed" else k: v
-        for k, v in state_dict.items()
-    }
-
-
-def raise_unknown(keys: Sequence[str], what: str) -> None:
-    if keys:
-        raise KeyError(
-            f"{len(keys)} {what} keys not understood: {', '.join(sorted(keys)[:8])}"
-            + (" ..." if len(keys) > 8 else "")
-        )
+def convert_with_class_heads(
+    state_dict: StateDict, table: NameTable, head_rows: Callable[[Tensor], Tensor], what: str
+) -> StateDict:
+    """``state_dict`` renamed by ``table`` (see :func:`~.names.rename`), with our class heads
+    (``class_embed.*``) through ``head_rows`` (e.g. :func:`class_head_rows`)."""
+    out = rename(state_dict, table, what)
+    return {k: head_rows(v) if k.startswith("class_embed.") else v for k, v in out.items()}
 
 
 def convert_official_detr_layout(
-    state_dict: StateDict,
-    layer_target: LayerTarget,
-    keep: str,
-    what: str,
-    num_classes: Optional[int] = None,
-    skip: tuple = (),
+    state_dict: StateDict, table: NameTable, what: str, num_classes: Optional[int] = None
 ) -> StateDict:
-    """The checkpoint layout of DETR and the releases built on its code.
-
-    A torchvision ResNet under ``backbone.0.body.``, layers under
-    ``transformer.{encoder,decoder}.layers.<i>.`` (renamed by ``layer_target``), the class head
-    ``class_embed`` indexed by COCO id (see :func:`class_head_rows`), and other keys matching the
-    regex ``keep``, kept with any leading ``transformer.`` removed. Keys starting with one of
-    ``skip`` (duplicated modules) are dropped; any other key raises a ``KeyError``.
-    """
-    out: StateDict = {}
-    unknown = []
-    for key, value in drop_batchnorm_counters(state_dict).items():
-        if key.startswith(skip):
-            continue
-        layer = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
-        if key.startswith("backbone.0.body."):
-            name = torchvision_resnet_name(key[len("backbone.0.body.") :])
-            target = None if name is None else "backbone." + name
-        elif layer:
-            target = layer_target(*layer.groups())
-        elif key.startswith("class_embed."):
-            target, value = key, class_head_rows(value, num_classes)
-        elif re.match(keep, key):
-            target = key[len("transformer.") :] if key.startswith("transformer.") else key
-        else:
-            target = None
-        if target is None:
-            unknown.append(key)
-        else:
-            out[target] = value
-    raise_unknown(unknown, what)
-    return out
+    """A release in DETR's layout (``table`` from :func:`official_detr_layout`) → ours, its class
+    head indexed by COCO id (see :func:`class_head_rows`); unknown keys raise a ``KeyError``."""
+    return convert_with_class_heads(
+        state_dict, table, lambda head: class_head_rows(head, num_classes), what
+    )

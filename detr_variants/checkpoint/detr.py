@@ -9,7 +9,7 @@ no-object last, so the 80 thing rows are taken by COCO id *and* row 91 is kept, 
 """
 
 import re
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -19,13 +19,12 @@ from .convert import (
     OFFICIAL_ENCODER_LAYER,
     StateDict,
     coco_class_rows,
-    convert_official_detr_layout,
-    drop_batchnorm_counters,
-    layer_tables,
-    raise_unknown,
+    convert_with_class_heads,
+    official_detr_layout,
     register_converter,
 )
-from .hf_resnet import HF_BACKBONE_PREFIXES, hf_backbone_name
+from .hf_resnet import HF_BACKBONE
+from .names import BATCHNORM_COUNTERS, NameTable, Row, same
 
 
 def softmax_head_rows(weight: Tensor, num_classes: Optional[int] = None) -> Tensor:
@@ -53,34 +52,38 @@ _OFFICIAL_DECODER = {
     "norm2": "norm2",
     **OFFICIAL_DECODER_FFN,
 }
-_OFFICIAL_LAYERS = layer_tables(OFFICIAL_ENCODER_LAYER, _OFFICIAL_DECODER)
-_OFFICIAL_KEEP = r"(transformer\.decoder\.norm|input_proj|query_embed|bbox_embed)\."
+OFFICIAL_NAMES = official_detr_layout(
+    OFFICIAL_ENCODER_LAYER,
+    _OFFICIAL_DECODER,
+    [("transformer.decoder.norm.{leaf+}", "decoder.norm.{leaf+}")]
+    + same("input_proj", "query_embed", "bbox_embed"),
+)
 
 
 @register_converter("official", "detr")
 def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -> StateDict:
     """Official DETR checkpoint (``detr-r50-e632da11.pth``, ``-dc5``, ``-r101`` ...) → ours.
 
-    The layout of ``models/detr.py`` and ``models/transformer.py``: a torchvision ResNet under
-    ``backbone.0.body.``, ``transformer.{encoder,decoder}.layers.<i>`` (decoder cross-attention
-    ``multihead_attn``), ``transformer.decoder.norm``, ``query_embed``, ``input_proj``,
-    ``class_embed`` and ``bbox_embed``. DC5 and R101 checkpoints differ only in the backbone's
-    depth and dilation, which the config sets. Panoptic checkpoints (``detr.*`` and mask-head
-    keys) are rejected.
+    The layout of ``models/detr.py`` and ``models/transformer.py`` (:data:`OFFICIAL_NAMES`): a
+    torchvision ResNet under ``backbone.0.body.``, ``transformer.{encoder,decoder}.layers.<i>``
+    (decoder cross-attention ``multihead_attn``), ``transformer.decoder.norm``, ``query_embed``,
+    ``input_proj``, ``class_embed`` and ``bbox_embed``. DC5 and R101 checkpoints differ only in
+    the backbone's depth and dilation, which the config sets. Panoptic checkpoints (``detr.*``
+    and mask-head keys) are rejected.
 
     Args:
         num_classes: foreground classes of the target model; ``None`` maps a 92-row COCO head to
             80 classes + no-object and keeps any other head.
     """
-    out = convert_official_detr_layout(
-        state_dict, _OFFICIAL_LAYERS, _OFFICIAL_KEEP, "official DETR", skip=("class_embed.",)
-    )
     for leaf in ("weight", "bias"):
-        key = f"class_embed.{leaf}"
-        if key not in state_dict:
-            raise KeyError(f"official DETR checkpoint without {key}")
-        out[key] = softmax_head_rows(state_dict[key], num_classes)
-    return out
+        if f"class_embed.{leaf}" not in state_dict:
+            raise KeyError(f"official DETR checkpoint without class_embed.{leaf}")
+    return convert_with_class_heads(
+        state_dict,
+        OFFICIAL_NAMES,
+        lambda head: softmax_head_rows(head, num_classes),
+        "official DETR",
+    )
 
 
 # ---------------------------------------------------------------------------- HF transformers
@@ -107,68 +110,65 @@ HF_DECODER = {
     "encoder_attn_layer_norm": "norm2",
     **HF_FFN,
 }
-HF_TOP = {
-    "model.query_position_embeddings.": "query_embed.",
-    "model.input_projection.": "input_proj.",
-    "model.decoder.layernorm.": "decoder.norm.",
-    "bbox_predictor.": "bbox_embed.",
-    "class_labels_classifier.": "class_embed.",
-}
-_HF_LAYER = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(\w+)")
+HF_TOP: List[Row] = [
+    ("model.query_position_embeddings.{leaf+}", "query_embed.{leaf+}"),
+    ("model.input_projection.{leaf+}", "input_proj.{leaf+}"),
+    ("model.decoder.layernorm.{leaf+}", "decoder.norm.{leaf+}"),
+    ("bbox_predictor.{leaf+}", "bbox_embed.{leaf+}"),
+    ("class_labels_classifier.{leaf+}", "class_embed.{leaf+}"),
+]
+
+
+def hf_detr_layout(decoder: Dict[str, str], top: Sequence[Row]) -> NameTable:
+    """The names of HF ``DetrForObjectDetection`` and the models ``transformers`` derives from it:
+    the backbone (:data:`~.hf_resnet.HF_BACKBONE`), the modules of
+    ``model.{encoder,decoder}.layers.<i>`` renamed by :data:`HF_ENCODER` / ``decoder`` (a module
+    name may hold dots, ``mlp.fc1``; the parameter is its last segment) and the ``top`` rows."""
+    layers = [
+        (f"model.{part}.layers.{{i}}.{module}.{{leaf}}", f"{part}.layers.{{i}}.{ours}.{{leaf}}")
+        for part, modules in (("encoder", HF_ENCODER), ("decoder", decoder))
+        for module, ours in modules.items()
+    ]
+    return NameTable(BATCHNORM_COUNTERS + list(HF_BACKBONE.rows) + layers + list(top))
+
+
 _HF_QKV = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.([qkv])_proj\.(weight|bias)")
 
 
 def convert_hf_detr_layout(
     state_dict: StateDict,
-    decoder: Dict[str, str],
-    top: Dict[str, str],
+    table: NameTable,
     stacked: Set[Tuple[str, str]],
     head_rows: Callable[[Tensor], Tensor],
     what: str,
 ) -> StateDict:
-    """The layout of HF ``DetrForObjectDetection`` and the models ``transformers`` derives from it.
+    """A state dict in the layout of :func:`hf_detr_layout` (``table``) → ours.
 
-    The backbone is read by :func:`~.hf_resnet.hf_backbone_name` (HF ResNet or the hub's timm
-    ResNet). Layer modules are renamed by :data:`HF_ENCODER` / ``decoder``, other keys by the
-    prefixes of ``top``. Attentions ``(part, hf_module)`` in ``stacked`` (``("decoder",
-    "encoder_attn")`` ...) have separate q/k/v projections, which are stacked into our
-    ``in_proj_weight``/``in_proj_bias`` in q, k, v order as ``nn.MultiheadAttention`` expects.
-    The class head goes through ``head_rows``. Unknown keys and incomplete q/k/v raise.
+    Attentions ``(part, hf_module)`` in ``stacked`` (``("decoder", "encoder_attn")`` ...) have
+    separate q/k/v projections, which are stacked into our ``in_proj_weight``/``in_proj_bias`` in
+    q, k, v order as ``nn.MultiheadAttention`` expects. The class head goes through
+    ``head_rows``. Unknown keys and incomplete q/k/v raise.
     """
     ours_of = {"self_attn": "self_attn", "encoder_attn": "cross_attn"}
-    out, qkv, unknown = {}, {}, []
-    for key, value in drop_batchnorm_counters(state_dict).items():
+    rest: StateDict = {}
+    qkv: Dict[str, StateDict] = {}
+    for key, value in state_dict.items():
         proj = _HF_QKV.fullmatch(key)
         if proj and (proj.group(1), proj.group(3)) in stacked:
             part, index, module, which, leaf = proj.groups()
             target = f"{part}.layers.{index}.{ours_of[module]}.in_proj_{leaf}"
             qkv.setdefault(target, {})[which] = value
-            continue
-        target = _hf_target(key, decoder, top)
-        if target is None:
-            unknown.append(key)
         else:
-            out[target] = head_rows(value) if target.startswith("class_embed.") else value
+            rest[key] = value
+    out = convert_with_class_heads(rest, table, head_rows, what)
     for target, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"{target}: incomplete q/k/v projections ({sorted(parts)})")
         out[target] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    raise_unknown(unknown, what)
     return out
 
 
-def _hf_target(key: str, decoder: Dict[str, str], top: Dict[str, str]) -> Optional[str]:
-    if key.startswith(HF_BACKBONE_PREFIXES):
-        return hf_backbone_name(key)
-    layer = _HF_LAYER.fullmatch(key)
-    if layer:
-        part, index, module, leaf = layer.groups()
-        table = HF_ENCODER if part == "encoder" else decoder
-        return f"{part}.layers.{index}.{table[module]}.{leaf}" if module in table else None
-    prefix = next((p for p in top if key.startswith(p)), None)
-    return None if prefix is None else top[prefix] + key[len(prefix) :]
-
-
+HF_NAMES = hf_detr_layout(HF_DECODER, HF_TOP)
 _HF_STACKED = {("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn")}
 
 
@@ -177,17 +177,16 @@ def convert_hf(state_dict: StateDict, num_classes: Optional[int] = None) -> Stat
     """HF ``DetrForObjectDetection`` state dict (e.g. ``facebook/detr-resnet-50``) → ours.
 
     Reads the HF-ResNet backbone (``use_timm_backbone=False``) and the timm one of the hub
-    checkpoints, current and legacy (``out_proj``, ``fc1``, ``conv_encoder``) names. The hub's
-    head has ``num_labels + 1 = 92`` rows, label id = COCO id and no-object last, as the
-    official one.
+    checkpoints, current and legacy (``out_proj``, ``fc1``, ``conv_encoder``) names
+    (:data:`HF_NAMES`). The hub's head has ``num_labels + 1 = 92`` rows, label id = COCO id and
+    no-object last, as the official one.
 
     Args:
         num_classes: as in :func:`convert_official`.
     """
     return convert_hf_detr_layout(
         state_dict,
-        HF_DECODER,
-        HF_TOP,
+        HF_NAMES,
         _HF_STACKED,
         lambda head: softmax_head_rows(head, num_classes),
         "HF DETR",

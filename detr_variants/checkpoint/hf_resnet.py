@@ -7,38 +7,35 @@ conv of a bottleneck, as ``downsample_in_bottleneck=False`` and ``stride_in_1x1=
 projection shortcuts), so only the names differ.
 """
 
-import re
 from typing import Optional
 
-_CONV = re.compile(
-    r"(?:^|\.)encoder\.stages\.(\d)\.layers\.(\d+)\.(?:layer\.(\d)|(shortcut))"
-    r"\.(convolution|normalization)\.(\w+)$"
+from .convert import TORCHVISION_RESNET
+from .names import NameTable
+
+_KINDS = {"convolution": "", "normalization": "norm."}
+
+# HF ResNet names → detectron2 ``ResNet`` names: ``embedder.embedder.*`` → the stem,
+# ``encoder.stages.S.layers.I.layer.J.*`` → ``res{S+2}.I.conv{J+1}``, ``....shortcut.*`` →
+# ``res{S+2}.I.shortcut``; convolution / normalization → the conv / its ``norm``.
+HF_RESNET = NameTable(
+    [(f"embedder.embedder.{hf}.{{leaf}}", f"stem.conv1.{d2}{{leaf}}") for hf, d2 in _KINDS.items()]
+    + [
+        (
+            f"encoder.stages.{s}.layers.{{i}}.{hf_module}.{hf}.{{leaf}}",
+            f"res{s + 2}.{{i}}.{d2_module}.{d2}{{leaf}}",
+        )
+        for s in range(4)
+        for hf_module, d2_module in [(f"layer.{j}", f"conv{j + 1}") for j in range(3)]
+        + [("shortcut", "shortcut")]
+        for hf, d2 in _KINDS.items()
+    ]
 )
-_STEM = re.compile(r"(?:^|\.)embedder\.embedder\.(convolution|normalization)\.(\w+)$")
 
 
 def hf_resnet_name(name: str) -> Optional[str]:
-    """HF ResNet parameter name → detectron2 name (relative to the ResNet); None if not one.
-
-    Whatever precedes the ResNet's own names (``model.backbone.model.``, ``resnet.``) is ignored.
-
-    ``embedder.embedder.convolution``/``.normalization`` → ``stem.conv1``/``stem.conv1.norm``;
-    ``encoder.stages.S.layers.I.layer.J.*`` → ``res{S+2}.I.conv{J+1}[.norm]``;
-    ``encoder.stages.S.layers.I.shortcut.*`` → ``res{S+2}.I.shortcut[.norm]``.
-    """
-    m = _STEM.search(name)
-    if m:
-        return "stem.conv1." + ("norm." if m.group(1) == "normalization" else "") + m.group(2)
-    m = _CONV.search(name)
-    if not m:
-        return None
-    stage, block, conv, shortcut, kind, leaf = m.groups()
-    module = "shortcut" if shortcut else f"conv{int(conv) + 1}"
-    return (
-        f"res{int(stage) + 2}.{block}.{module}."
-        + ("norm." if kind == "normalization" else "")
-        + leaf
-    )
+    """HF ResNet parameter name (relative to the ResNet) → detectron2 name; None if not one (see
+    :data:`HF_RESNET`)."""
+    return HF_RESNET.to_ours(name)
 
 
 HF_BACKBONE_PREFIXES = (
@@ -46,16 +43,17 @@ HF_BACKBONE_PREFIXES = (
     "model.backbone.conv_encoder.model.",
 )  # current, legacy
 
+# The backbone of an HF DETR-family model: an HF ResNet (``use_timm_backbone=False``) or the timm
+# ResNet of the hub checkpoints (torchvision names), under the current or the legacy prefix.
+HF_BACKBONE = NameTable(
+    row
+    for prefix in HF_BACKBONE_PREFIXES
+    for resnet in (HF_RESNET, TORCHVISION_RESNET)
+    for row in resnet.prefixed(prefix, "backbone.").rows
+)
+
 
 def hf_backbone_name(key: str) -> Optional[str]:
-    """Our ``backbone.*`` name of an HF DETR-family backbone parameter, from either an HF ResNet
-    (``use_timm_backbone=False``) or the timm ResNet of the hub checkpoints (torchvision names);
+    """Our ``backbone.*`` name of an HF DETR-family backbone parameter (see :data:`HF_BACKBONE`);
     None if ``key`` is not a backbone parameter."""
-    from .convert import torchvision_resnet_name
-
-    prefix = next((p for p in HF_BACKBONE_PREFIXES if key.startswith(p)), None)
-    if prefix is None:
-        return None
-    rest = key[len(prefix) :]
-    name = hf_resnet_name(rest) or torchvision_resnet_name(rest)
-    return None if name is None else "backbone." + name
+    return HF_BACKBONE.to_ours(key)

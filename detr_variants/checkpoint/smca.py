@@ -12,19 +12,18 @@ The released model is DETR's with, per decoder layer, ``norm4`` (our ``prior_nor
 (column 91 is never a target); they become detectron2's 80 contiguous classes.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 from .convert import (
     OFFICIAL_DECODER_FFN,
     OFFICIAL_ENCODER_LAYER,
     OFFICIAL_FFN,
-    LayerTarget,
     StateDict,
     convert_official_detr_layout,
-    layer_tables,
-    neck_names,
+    official_detr_layout,
     register_converter,
 )
+from .names import Row, same
 
 _DECODER = {
     "self_attn": "self_attn",
@@ -36,35 +35,27 @@ _DECODER = {
     "point3": "modulation.scales",
     **OFFICIAL_DECODER_FFN,
 }
-_LAYERS = layer_tables(OFFICIAL_ENCODER_LAYER, _DECODER)
-_KEEP = r"(transformer\.decoder\.norm|input_proj|query_embed|bbox_embed)\."
-
-
-def _with_center_head(layers: LayerTarget) -> LayerTarget:
-    """``layers`` plus layer 0's ``point1`` (the centre MLP, our ``decoder.center_head``)."""
-
-    def target(part: str, index: str, rest: str) -> Optional[str]:
-        if part == "decoder" and rest.startswith("point1."):
-            return "decoder.center_head." + rest[len("point1.") :] if index == "0" else None
-        return layers(part, index, rest)
-
-    return target
-
-
-_layer_target = _with_center_head(_LAYERS)
+# layer 0's point1 is the centre MLP (our decoder.center_head); no other layer has one
+_CENTER_HEAD: List[Row] = [
+    ("transformer.decoder.layers.0.point1.{leaf+}", "decoder.center_head.{leaf+}")
+]
+_DECODER_NORM: List[Row] = [("transformer.decoder.norm.{leaf+}", "decoder.norm.{leaf+}")]
+OFFICIAL_NAMES = official_detr_layout(
+    OFFICIAL_ENCODER_LAYER,
+    _DECODER,
+    _CENTER_HEAD + _DECODER_NORM + same("input_proj", "query_embed", "bbox_embed"),
+)
 
 
 @register_converter("official", "smca")
 def convert_official(state_dict: StateDict, num_classes: Optional[int] = None) -> StateDict:
-    """Official single-scale SMCA checkpoint → ours.
+    """Official single-scale SMCA checkpoint (:data:`OFFICIAL_NAMES`) → ours.
 
     Args:
         num_classes: classes of the target model; ``None`` maps a 92-row COCO head to 80 classes
             and keeps any other head.
     """
-    out = convert_official_detr_layout(
-        state_dict, _layer_target, _KEEP, "official SMCA", num_classes
-    )
+    out = convert_official_detr_layout(state_dict, OFFICIAL_NAMES, "official SMCA", num_classes)
     for key, value in out.items():  # type4 (a cross term per head) has no equivalent here
         offsets = out.get(key.replace(".scales.", ".offsets."))
         if (
@@ -95,17 +86,20 @@ _MS_ENCODER = {
     "high_to_low": "down_convs.0",
     "low_to_high": "up_convs.0",
 }
-_MS_LAYERS = _with_center_head(layer_tables(_MS_ENCODER, {**_DECODER, "point4": "scale_selection"}))
-_MS_RENAMES = {  # checked in order: input_proj_2048_3 before input_proj_2048
-    "input_proj_512.": "input_proj.0.",
-    "input_proj_1024.": "input_proj.1.",
-    "input_proj_2048_3.": "input_proj.3.",
-    "input_proj_2048.": "input_proj.2.",
-    "transformer.conv.": "memory_downsample.",
-}
-_MS_KEEP = (
-    r"(transformer\.decoder\.norm|input_proj|memory_downsample|query_embed|bbox_embed)\."
-    r"|transformer\.level_embed$"
+RELEASED_MS_NAMES = official_detr_layout(
+    _MS_ENCODER,
+    {**_DECODER, "point4": "scale_selection"},
+    _CENTER_HEAD
+    + _DECODER_NORM
+    + [
+        (f"input_proj_{name}.{{leaf+}}", f"neck.input_proj.{i}.{{leaf+}}")
+        for i, name in enumerate(("512", "1024", "2048", "2048_3"))
+    ]
+    + [
+        ("transformer.level_embed", "neck.level_embed"),
+        ("transformer.conv.{leaf+}", "memory_downsample.{leaf+}"),
+    ]
+    + same("query_embed", "bbox_embed"),
 )
 
 
@@ -120,14 +114,8 @@ def convert_official_multi_scale(
     ``conv_1``/``self_attn_{8,16,32,64}``/``high_to_low*``/``low_to_high*``/``conv_2``
     ``input_conv``/``level_convs``/``down_convs``/``up_convs``/``output_conv``, the decoder's
     ``point4`` (scale selection) ``scale_selection``; the rest as :func:`convert_official`, the
-    92-row class head included. Unknown keys raise a ``KeyError``.
+    92-row class head included (:data:`RELEASED_MS_NAMES`). Unknown keys raise a ``KeyError``.
     """
-    renamed = {}
-    for key, value in state_dict.items():
-        old = next((o for o in _MS_RENAMES if key.startswith(o)), None)
-        renamed[key if old is None else _MS_RENAMES[old] + key[len(old) :]] = value
-    return neck_names(
-        convert_official_detr_layout(
-            renamed, _MS_LAYERS, _MS_KEEP, "official multi-scale SMCA", num_classes
-        )
+    return convert_official_detr_layout(
+        state_dict, RELEASED_MS_NAMES, "official multi-scale SMCA", num_classes
     )

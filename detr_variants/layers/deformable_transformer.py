@@ -17,6 +17,9 @@ from .dropout import dropout_add
 from .ms_deform_attn import MultiScaleDeformableAttention, level_shapes
 from .transformer import FeedForward, clone_layers
 
+# (L, 2) int64 (H, W) per level, or the (H, W) pairs while a graph is captured (see level_layout)
+SpatialShapes = Union[Tensor, List[Tuple[int, int]]]
+
 
 def flatten_levels(maps: List[Tensor]) -> Tensor:
     """[(B, C, H_l, W_l)] → (B, Σ H_l·W_l, C), or [(B, H_l, W_l)] masks → (B, Σ H_l·W_l)."""
@@ -25,7 +28,7 @@ def flatten_levels(maps: List[Tensor]) -> Tensor:
     )
 
 
-def level_layout(maps: List[Tensor]) -> Tuple[Union[Tensor, List[Tuple[int, int]]], Tensor]:
+def level_layout(maps: List[Tensor]) -> Tuple[SpatialShapes, Tensor]:
     """``spatial_shapes`` (L, 2) as (H, W) and ``level_start_index`` (L,), both int64.
 
     While a graph is captured, ``spatial_shapes`` is the list of the maps' (H, W) instead: sizes

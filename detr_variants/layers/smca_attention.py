@@ -15,7 +15,7 @@ softmax per scale, and sums the per-scale results weighted by a per-query softma
 """
 
 import re
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -232,18 +232,18 @@ class GaussianModulatedAttention(nn.Module):
             raise ValueError(
                 f"level_weights has {level_weights.shape[-1]} levels, keys have {len(lengths)}"
             )
-        masks = [None] * len(lengths)
+        masks: List[Optional[Tensor]] = [None] * len(lengths)
         if key_padding_mask is not None:
             mask = key_padding_mask[:, None, None, :]
             # no one-chunk split: the ONNX exporter fixes its (symbolic) size to the example's
             masks = [mask] if len(lengths) == 1 else list(mask.split(lengths, dim=-1))
-        biases = []
-        for lvl in range(len(lengths)):
-            bias = masks[lvl]
+        biases: List[Optional[Tensor]] = []
+        for lvl, level_mask in enumerate(masks):
+            bias = level_mask
             if priors is not None:
                 bias = priors[lvl].to(q.dtype).clamp(min=torch.finfo(q.dtype).min / 2)
-                if masks[lvl] is not None:
-                    bias = bias.masked_fill(masks[lvl], float("-inf"))
+                if level_mask is not None:
+                    bias = bias.masked_fill(level_mask, float("-inf"))
             elif bias is not None:
                 bias = ~bias  # boolean attn_mask: True = attend
             biases.append(bias)
@@ -251,8 +251,8 @@ class GaussianModulatedAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if level_weights is None:
             if len(lengths) > 1:
-                biases = [_full_bias(x, q, k_len) for x, k_len in zip(biases, lengths)]
-                bias = torch.cat(biases, dim=-1)
+                full = [_full_bias(x, q, k_len) for x, k_len in zip(biases, lengths)]
+                bias = torch.cat(full, dim=-1)
             else:
                 bias = biases[0]
             out = scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -260,12 +260,11 @@ class GaussianModulatedAttention(nn.Module):
             weights = level_weights.to(q.dtype).transpose(1, 2)[
                 :, None, :, :, None
             ]  # (B, 1, L, Q, 1)
-            out = 0
-            for lvl, (k_l, v_l) in enumerate(zip(k.split(lengths, dim=2), v.split(lengths, dim=2))):
-                e_l = scaled_dot_product_attention(
-                    q, k_l, v_l, attn_mask=biases[lvl], dropout_p=dropout
-                )
-                out = out + weights[:, :, lvl] * e_l
+            levels = zip(k.split(lengths, dim=2), v.split(lengths, dim=2), biases)
+            for lvl, (k_l, v_l, bias_l) in enumerate(levels):
+                e_l = scaled_dot_product_attention(q, k_l, v_l, attn_mask=bias_l, dropout_p=dropout)
+                term = weights[:, :, lvl] * e_l
+                out = term if lvl == 0 else out + term
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, self.embed_dim))
 
 
@@ -403,7 +402,8 @@ class SMCADecoder(nn.Module):
         memory_key_padding_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Returns every layer's normed output (num_layers, B, Q, d) and the centre logits (B, Q, 2)."""
-        center_logits = self.center_head(self.layers[0].prior_norm(tgt + query_pos))
+        first = cast(SMCADecoderLayer, self.layers[0])
+        center_logits = self.center_head(first.prior_norm(tgt + query_pos))
         centers = center_logits.sigmoid()
         outputs = []
         for layer in self.layers:

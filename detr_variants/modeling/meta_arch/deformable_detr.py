@@ -10,6 +10,9 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
 from ...layers.deformable_transformer import (
+    DeformableDecoder,
+    DeformableEncoder,
+    SpatialShapes,
     flatten_levels,
     level_layout,
     padding_or_none,
@@ -55,8 +58,8 @@ class DeformableDETR(SetPredictionDetector):
         *,
         in_features: Sequence[str],
         num_feature_levels: int,
-        encoder: nn.Module,
-        decoder: nn.Module,
+        encoder: DeformableEncoder,
+        decoder: DeformableDecoder,
         position_embedding: nn.Module,
         num_queries: int = 300,
         hidden_dim: int = 256,
@@ -97,23 +100,26 @@ class DeformableDETR(SetPredictionDetector):
 
         class_embed = _class_head(hidden_dim, self.num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        nn.init.zeros_(bbox_embed.layers[-1].weight)
-        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        nn.init.zeros_(bbox_embed.output_layer.weight)
+        nn.init.zeros_(bbox_embed.output_layer.bias)
         num_layers = len(self.decoder.layers)
         num_boxes = num_layers + int(two_stage)  # + the encoder-proposal box head
         if with_box_refine:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_layers))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_boxes))
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
-            self.decoder.bbox_embed = self.bbox_embed
+            class_heads = [copy.deepcopy(class_embed) for _ in range(num_layers)]
+            box_heads = [copy.deepcopy(bbox_embed) for _ in range(num_boxes)]
+            nn.init.constant_(box_heads[0].output_layer.bias[2:], -2.0)
         else:
-            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
-            self.class_embed = nn.ModuleList([class_embed] * num_layers)  # shared
-            self.bbox_embed = nn.ModuleList([bbox_embed] * num_boxes)
+            nn.init.constant_(bbox_embed.output_layer.bias[2:], -2.0)
+            class_heads, box_heads = [class_embed] * num_layers, [bbox_embed] * num_boxes  # shared
+        if two_stage:
+            for head in box_heads:
+                nn.init.zeros_(head.output_layer.bias[2:])
+        self.class_embed = nn.ModuleList(class_heads)
+        self.bbox_embed = nn.ModuleList(box_heads)
+        if with_box_refine:
+            self.decoder.bbox_embed = self.bbox_embed
         if two_stage:
             self.proposal_class_embed = _class_head(hidden_dim, 1)
-            for head in self.bbox_embed:
-                nn.init.zeros_(head.layers[-1].bias[2:])
 
     def _reset_transformer_parameters(self) -> None:
         """The official ``DeformableTransformer._reset_parameters``."""
@@ -127,7 +133,8 @@ class DeformableDETR(SetPredictionDetector):
         if not self.two_stage:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
-        nn.init.normal_(self.neck.level_embed)
+        if self.neck.level_embed is not None:  # always built with one (above)
+            nn.init.normal_(self.neck.level_embed)
 
     def multi_level_features(self, images, padding_mask):
         """Projected feature maps of every level with their masks and position encodings."""
@@ -180,7 +187,7 @@ class DeformableDETR(SetPredictionDetector):
         )
         return {**set_prediction_outputs(logits, boxes, self.aux_loss), **out_extra}
 
-    def encoder_proposals(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor):
+    def encoder_proposals(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: SpatialShapes):
         """Two-stage: score every encoder token as a proposal (one foreground logit), keep the top
         ``num_queries`` (detached) as the decoder's reference boxes and derive its queries from
         them. ``enc_outputs`` holds the (B, S, 1) logits the class-agnostic loss trains."""
@@ -197,11 +204,13 @@ class DeformableDETR(SetPredictionDetector):
         enc_outputs = {"pred_logits": enc_class, "pred_boxes": enc_coord_logits.sigmoid()}
         return query_pos, tgt, reference_points, enc_outputs
 
-    def proposals_from_memory(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor):
+    def proposals_from_memory(
+        self, memory: Tensor, memory_mask: Tensor, spatial_shapes: SpatialShapes
+    ):
         """One proposal per token: its cell centre in the valid image and a size of 0.05·2^level,
         in logit space; padding and proposals outside (0.01, 0.99) get +inf and zero memory
         (the official ``gen_encoder_output_proposals``)."""
-        proposals: List[Tensor] = []
+        per_level: List[Tensor] = []
         start = 0
         for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
             mask = memory_mask[:, start : start + h * w].view(-1, h, w)
@@ -214,9 +223,9 @@ class DeformableDETR(SetPredictionDetector):
             scale = torch.stack([valid_w, valid_h], -1).float().view(-1, 1, 1, 2)
             centres = (torch.stack([xs, ys], -1)[None] + 0.5) / scale
             sizes = torch.full_like(centres, 0.05 * 2.0**lvl)
-            proposals.append(torch.cat([centres, sizes], -1).view(mask.shape[0], -1, 4))
+            per_level.append(torch.cat([centres, sizes], -1).view(mask.shape[0], -1, 4))
             start += h * w
-        proposals = torch.cat(proposals, 1)
+        proposals = torch.cat(per_level, 1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
         invalid = memory_mask.unsqueeze(-1) | ~valid

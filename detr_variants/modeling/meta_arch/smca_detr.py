@@ -1,13 +1,13 @@
 """SMCA (Gao et al., ICCV 2021): DETR with spatially modulated co-attention, single- and multi-scale."""
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, cast
 
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
 from ...layers.deformable_transformer import flatten_levels
-from ...layers.smca_attention import SMCADecoder, SpatialModulation
+from ...layers.smca_attention import SMCADecoder, SMCADecoderLayer, SpatialModulation
 from ..neck import MultiLevelNeck
 from .base import set_prediction_outputs
 from .detr import DETR
@@ -32,6 +32,7 @@ class SMCADETR(DETR):
     """
 
     classifications: Sequence[str] = ("sigmoid",)
+    decoder: SMCADecoder  # checked in __init__
 
     def __init__(self, *, num_queries: int = 300, **kwargs):
         super().__init__(num_queries=num_queries, **kwargs)
@@ -46,7 +47,7 @@ class SMCADETR(DETR):
                 m.reset_parameters()
 
     def _check_levels(self, num_levels: int) -> None:
-        built = self.decoder.layers[0].num_levels
+        built = cast(SMCADecoderLayer, self.decoder.layers[0]).num_levels
         if built != num_levels:
             raise ValueError(
                 f"the decoder layers are built for {built} feature levels; the model has {num_levels}"
