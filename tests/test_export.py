@@ -176,11 +176,11 @@ def test_fixed_size_torchscript_traces_refuse_other_sizes(variant, tmp_path):
 
 def test_torchscript_of_tsp_fcos_refuses_a_size_below_its_foi_count():
     """A trace fixes TSP-FCOS's FoI count min(num_fois, locations): tracing where there are
-    fewer locations than FoIs is refused (128x128: 256 + 64 + 16 + 4 + 1 = 341 < 700)."""
+    fewer locations than FoIs is refused (96x96: 144 + 36 + 9 + 4 + 1 = 194 < 300)."""
     model = instantiate(get_config("tsp/tsp_fcos_r18_synthetic").model).eval()
-    assert model.num_fois == 700
-    with pytest.raises(ValueError, match="341 locations"):
-        torchscript_module(ExportableDetector(model), raw_image(128, 128, 0))
+    assert model.num_fois == 300
+    with pytest.raises(ValueError, match="194 locations"):
+        torchscript_module(ExportableDetector(model), raw_image(96, 96, 0))
 
 
 def test_torchscript_of_tsp_rcnn_says_to_use_another_format():

@@ -177,8 +177,9 @@ def fixed_size_rpn_proposals(
         kept_ = torch.cat(kept)
         ranked = torch.where(kept_, torch.cat(scores), float("-inf"))
         order = ranked.topk(post_nms_topk).indices  # ONNX TopK (a stable sort has no ONNX op)
-        out_boxes.append(torch.cat(boxes)[order])
-        out_valid.append(kept_[order])
+        valid = kept_[order]
+        out_boxes.append(torch.where(valid[:, None], torch.cat(boxes)[order], 0.0))
+        out_valid.append(valid)
     return torch.stack(out_boxes), torch.stack(out_valid)
 
 
