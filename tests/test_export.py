@@ -1,6 +1,6 @@
 """Export (issue #15 §4): torch.export with dynamic H, W, ONNX in ONNX Runtime, TorchScript, the
 post-processing of the raw outputs and tools/export_model.py, for every variant (tiny models,
-random weights)."""
+random weights), and TSP-RCNN's fixed-size proposals against detectron2's RPN."""
 
 import json
 import os
@@ -15,15 +15,18 @@ from detr_variants.engine.export import (
     ExportableDetector,
     export_meta,
     export_program,
+    exported_inputs,
     load_exported,
     pad_to_divisibility,
     postprocess_exported,
     torchscript_module,
+    trace_follows_input_size,
 )
 from detr_variants.engine.lazy_train import apply_overrides
 from detr_variants.layers.deformable_transformer import padding_or_none
 from detr_variants.model_zoo import get_config
 from detr_variants.modeling.tsp.common import unmask_empty_rows
+from detr_variants.modeling.tsp.rcnn import fixed_size_rpn_proposals
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -49,6 +52,11 @@ VARIANTS = {
         ["model.encoder.num_layers=1", "model.num_fois=20"],
         [(288, 320), (352, 256)],  # multiples of 32 (padding makes tied scores, see below)
     ),
+    "tsp_rcnn": (  # 50 proposals after NMS: the RPN still ranks ~3000 boxes over 5 levels
+        "tsp/tsp_rcnn_r18_synthetic",
+        ["model.roi_heads.box_head.encoder.num_layers=1", "model.proposal_generator.post_nms_topk=[50,50]"],
+        [(288, 320), (352, 256)],
+    ),
 }  # fmt: skip
 
 
@@ -73,50 +81,53 @@ def max_diffs(expected, got):
 def test_torch_export_and_onnx_follow_the_input_size(variant, tmp_path):
     """One ``torch.export`` program with symbolic H, W (captured at the first size) and its ONNX
     translation in ONNX Runtime, against eager PyTorch at two sizes: the program within 1e-5,
-    ONNX Runtime within 1e-4 on logits and normalised boxes (TSP-FCOS: its pixel boxes divided
-    by the image size, and the FoIs' levels and validity)."""
+    ONNX Runtime within 1e-4 on logits and normalised boxes (TSP-FCOS, TSP-RCNN: their pixel
+    boxes divided by the image size, and the FoIs' levels and validity, the proposals'
+    validity)."""
     model = tiny_model(variant)
     wrapper, meta = ExportableDetector(model), export_meta(model)
-    images = [
-        pad_to_divisibility(raw_image(h, w, seed), meta)
-        for seed, (h, w) in enumerate(VARIANTS[variant][2])
-    ]
+    raws = [raw_image(h, w, seed) for seed, (h, w) in enumerate(VARIANTS[variant][2])]
+    if variant == "tsp_rcnn":  # padded by 8 and 20 px: its image_size input says where
+        raws = [x[..., :-8, :-20] for x in raws]
+    inputs = [exported_inputs(x, meta) for x in raws]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = export_program(wrapper, images[0])
+        program = export_program(wrapper, inputs[0][0])
         path = str(tmp_path / "model.onnx")
         torch.onnx.export(program, dynamo=True, optimize=False, opset_version=18).save(path)
-        expected = [wrapper(x) for x in images]
-        exported = [program.module()(x) for x in images]
+        expected = [wrapper(*x) for x in inputs]
+        exported = [program.module()(*x) for x in inputs]
     run_onnx = load_exported(path, "onnx")
-    for image, e, p in zip(images, expected, exported):
+    for x, e, p in zip(inputs, expected, exported):
+        image = x[0]
         assert len(p) == len(wrapper.output_names)
         assert max(max_diffs(e, p)) <= 1e-5, (image.shape, max_diffs(e, p))
-        o = run_onnx(image)
+        o = run_onnx(*x)
         assert [t.shape for t in o] == [t.shape for t in e]
-        if variant == "tsp_fcos":  # absolute pixel boxes: compared normalised, as the others'
+        if variant.startswith("tsp"):  # absolute pixel boxes: compared normalised, as the others'
             h, w = image.shape[-2:]
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32).repeat(e[1].shape[-1] // 4)
             e, o = (e[0], e[1] / scale, *e[2:]), (o[0], o[1] / scale, *o[2:])
         assert max(max_diffs(e, o)) <= 1e-4, (image.shape, max_diffs(e, o))
-    assert images[0].shape != images[1].shape
+    assert inputs[0][0].shape != inputs[1][0].shape
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_postprocess_gives_the_models_own_detections(variant):
     """postprocess_exported on the wrapper's raw outputs (padded image for TSP-FCOS) gives the
     model's own detections for the original image, rescaled to its height/width: same classes,
-    scores within 1e-5, boxes within 1e-3 px."""
+    scores within 1e-5, boxes within 1e-3 px. TSP-RCNN's own detections come through
+    detectron2's RPN and ROIPooler, the wrapper's through the fixed-size ones."""
     model = tiny_model(variant)
     wrapper, meta = ExportableDetector(model), json.loads(json.dumps(export_meta(model)))
     h, w = VARIANTS[variant][2][0]
-    if variant == "tsp_fcos":  # padded to 32: the same padding (hence ties) as the model's own
+    if meta["size_divisibility"] > 1:  # padded to 32: the same padding (hence ties) as the model's
         h, w = h - 8, w - 20
     image = raw_image(h, w, seed=3)
     original = (2 * h, 2 * w + 7)  # as if resized by the test-time augmentation
     with torch.no_grad():
         own = model([{"image": image[0], "height": original[0], "width": original[1]}])
-        outputs = wrapper(pad_to_divisibility(image, meta))
+        outputs = wrapper(*exported_inputs(image, meta))
     own = own[0]["instances"]
     got = postprocess_exported(outputs, (h, w), meta, output_size=original)
     assert got.image_size == own.image_size == original
@@ -126,15 +137,17 @@ def test_postprocess_gives_the_models_own_detections(variant):
     assert torch.allclose(got.pred_boxes.tensor, own.pred_boxes.tensor, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["detr", "conditional"])
+@pytest.mark.parametrize("variant", ["detr", "conditional", "tsp_fcos"])
 def test_torchscript_trace_follows_the_input_size(variant, tmp_path):
-    """DETR and Conditional DETR trace with symbolic sizes: the saved TorchScript module matches
-    eager within 1e-5 at the trace size and at another."""
+    """DETR, Conditional DETR and TSP-FCOS trace with sizes from tensors: the saved TorchScript
+    module matches eager within 1e-5 at the trace size and at another."""
     model = tiny_model(variant)
+    assert trace_follows_input_size(model)
     wrapper = ExportableDetector(model)
     images = [raw_image(h, w, seed) for seed, (h, w) in enumerate(VARIANTS[variant][2])]
     path = str(tmp_path / "model.pt")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.jit.save(torchscript_module(wrapper, images[0]), path)
         expected = [wrapper(x) for x in images]
     run = load_exported(path, "torchscript")
@@ -143,22 +156,66 @@ def test_torchscript_trace_follows_the_input_size(variant, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["deformable", "smca", "smca_ms"])
-def test_torchscript_trace_of_multi_level_models_is_exact_at_the_traced_size(variant):
-    """Deformable DETR and SMCA trace, but their per-level loops fix the sizes (documented):
-    the trace matches eager within 1e-5 at the traced size."""
+def test_fixed_size_torchscript_traces_refuse_other_sizes(variant, tmp_path):
+    """Deformable DETR and SMCA (per-level loops on Python ints) trace at one size: the saved
+    module matches eager within 1e-5 there and raises at another size, where the bare trace
+    gives wrong outputs without an error (logits off by 0.06-0.12 at 150x100, measured)."""
     model = tiny_model(variant)
+    assert not trace_follows_input_size(model)
     wrapper = ExportableDetector(model)
-    image = raw_image(*VARIANTS[variant][2][0], seed=0)
+    image, other = (raw_image(h, w, seed) for seed, (h, w) in enumerate(VARIANTS[variant][2]))
+    path = str(tmp_path / "model.pt")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torchscript_module(wrapper, image)
-        assert max(max_diffs(wrapper(image), traced(image))) <= 1e-5
+        torch.jit.save(torchscript_module(wrapper, image), path)
+        run = load_exported(path, "torchscript")
+        assert max(max_diffs(wrapper(image), run(image))) <= 1e-5
+        with pytest.raises(torch.jit.Error, match=r"traced at \(1, 3, \d+, \d+\)"):
+            run(other)
 
 
-def test_torchscript_of_tsp_fcos_says_to_use_another_format():
-    model = tiny_model("tsp_fcos")
+def test_torchscript_of_tsp_fcos_refuses_a_size_below_its_foi_count():
+    """A trace fixes TSP-FCOS's FoI count min(num_fois, locations): tracing where there are
+    fewer locations than FoIs is refused (96x96: 144 + 36 + 9 + 4 + 1 = 194 < 300)."""
+    model = instantiate(get_config("tsp/tsp_fcos_r18_synthetic").model).eval()
+    assert model.num_fois == 300
+    with pytest.raises(ValueError, match="194 locations"):
+        torchscript_module(ExportableDetector(model), raw_image(96, 96, 0))
+
+
+def test_torchscript_of_tsp_rcnn_says_to_use_another_format():
+    model = tiny_model("tsp_rcnn")
     with pytest.raises(NotImplementedError, match="--format export"):
         torchscript_module(ExportableDetector(model), raw_image(288, 320, 0))
+
+
+def test_fixed_size_proposals_are_detectron2s_rpn_proposals():
+    """fixed_size_rpn_proposals against detectron2's RPN on the same features, with a NaN
+    objectness, an infinite box, boxes below min_box_size and fewer survivors than
+    post_nms_topk: its valid rows are detectron2's proposals, exactly and in order, then
+    padding (invalid, zero boxes)."""
+    model = tiny_model("tsp_rcnn")
+    rpn = model.proposal_generator
+    rpn.min_box_size, rpn.post_nms_topk = 16.0, {False: 4000, True: 4000}
+
+    def corrupt(module, inputs, outputs):
+        logits, deltas = outputs
+        logits[0][0, 0, 0, 0] = float("nan")
+        deltas[1][0, 0, 1, 1] = float("inf")  # x offset of an anchor of P4
+        return logits, deltas
+
+    rpn.rpn_head.register_forward_hook(corrupt)
+    image = raw_image(160, 224, seed=5)
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image[0]}])
+        features = model.backbone(images.tensor)
+        (theirs,), _ = rpn(images, features)
+        boxes, valid = fixed_size_rpn_proposals(rpn, images, features)
+    n = len(theirs)
+    assert boxes.shape == (1, 4000, 4) and 0 < n < 4000
+    assert valid[0, :n].all() and not valid[0, n:].any()
+    assert torch.equal(boxes[0, :n], theirs.proposal_boxes.tensor)
+    assert not boxes[0, n:].any()
 
 
 def test_bad_inputs_get_clear_errors():

@@ -9,8 +9,8 @@ The exported model takes one image (1, 3, H, W), float pixel values in the confi
 (``<output>.json`` says which), resized as the test-time augmentation does, and returns class
 logits and boxes; ``<output>.json`` also holds what ``detr_variants.engine.export.
 postprocess_exported`` needs to turn them into the PyTorch model's detections. ``--check`` runs
-the exported model next to the PyTorch one on two image sizes and prints the largest
-differences.
+the exported model next to the PyTorch one on two image sizes (a TorchScript trace of Deformable
+DETR or SMCA: at its traced size, the only one it accepts) and prints the largest differences.
 """
 
 import argparse
@@ -27,9 +27,11 @@ from detr_variants.engine.export import (
     EXPORT_FORMATS,
     ExportableDetector,
     export_meta,
+    exported_inputs,
     load_exported,
     pad_to_divisibility,
     save_exported,
+    trace_follows_input_size,
 )
 from detr_variants.engine.lazy_train import apply_overrides
 
@@ -43,7 +45,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", required=True, help="the exported file (.onnx, .pt, .pt2)")
     parser.add_argument(
         "--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"),
-        help="example input size to capture the graph with (the export takes any size)",
+        help="example input size to capture the graph with (export and onnx take any size; "
+        "a TorchScript trace of Deformable DETR or SMCA only this one)",
     )  # fmt: skip
     parser.add_argument("--check", action="store_true", help="compare with PyTorch at 2 sizes")
     parser.add_argument("opts", nargs="*", help="config overrides, key=value")
@@ -69,11 +72,14 @@ def main(argv=None) -> dict:
     if args.check:
         run = load_exported(args.output, args.format)
         h, w = args.size
-        for size in ((h, w), (h + 37, w - 53)):
-            image = pad_to_divisibility(torch.rand(1, 3, *size) * 255, meta)
+        sizes = ((h, w), (h + 37, w - 53))
+        if args.format == "torchscript" and not trace_follows_input_size(model):
+            sizes = sizes[:1]  # the trace refuses other sizes (FixedSizeTrace)
+        for size in sizes:
+            inputs = exported_inputs(torch.rand(1, 3, *size) * 255, meta)
             with torch.no_grad():
-                expected = ExportableDetector(model)(image)
-            got = run(image)
+                expected = ExportableDetector(model)(*inputs)
+            got = run(*inputs)
             diffs = [(e.float() - g.float()).abs().max().item() for e, g in zip(expected, got)]
             report[f"max_abs_diff_{size[0]}x{size[1]}"] = diffs
         print(json.dumps(report))

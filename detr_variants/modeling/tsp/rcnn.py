@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec, cat, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.meta_arch import GeneralizedRCNN
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.proposal_generator.proposal_utils import (
     add_ground_truth_to_proposals_single_image,
 )
@@ -23,6 +25,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import giou_loss
 from torch import Tensor, nn
+from torchvision.ops import nms
 
 from ...layers.box_ops import box_xyxy_to_cxcywh
 from ...layers.mlp import MLP
@@ -93,7 +96,9 @@ def roi_position_encoding(
     [cx, cy, w, h, x1, y1, x2, y2], each × 2π with ``num_pos_feats`` interleaved sin/cos
     frequencies (T = 10000), concatenated in that order → (N, 8 · num_pos_feats)."""
     h, w = image_size
-    xyxy = boxes.float() / boxes.new_tensor([w, h, w, h], dtype=torch.float32)
+    x1, y1, x2, y2 = boxes.float().unbind(-1)
+    # h, w: ints or 0-d tensors, never a tensor made of ints (that would fix them in an export)
+    xyxy = torch.stack([x1 / w, y1 / h, x2 / w, y2 / h], dim=-1)
     return sine_embed_coordinates(
         torch.cat([box_xyxy_to_cxcywh(xyxy), xyxy], dim=-1), num_pos_feats
     )
@@ -108,6 +113,99 @@ def pad_per_image(x: Tensor, counts: Sequence[int]) -> Tuple[Tensor, Tensor]:
         out[i, : len(part)] = part
         mask[i, : len(part)] = False
     return out, mask
+
+
+def fixed_size_rpn_proposals(
+    rpn: RPN, images: ImageList, features: Dict[str, Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """detectron2's RPN inference (``RPN.forward`` → ``find_top_rpn_proposals``) at a fixed
+    proposal count, so that it exports with symbolic image sizes: per level the
+    ``pre_nms_topk`` best objectness logits; boxes with a non-finite value or score, or a side
+    not above ``min_box_size`` after clipping to the image, are invalid; NMS per level
+    (``torchvision.ops.nms``, as ``batched_nms`` over levels does); the kept boxes of all levels
+    by descending objectness, padded (zero boxes, ``valid`` False) or truncated to
+    ``post_nms_topk``. Its valid rows are detectron2's proposals in their order, except that
+    detectron2 runs the level-wise NMS as one offset NMS when at most 1000 boxes enter it (CPU),
+    which rounds the IoUs differently, and that tied scores may rank differently.
+
+    Returns:
+        ``boxes`` (B, post_nms_topk, 4) absolute xyxy and ``valid`` (B, post_nms_topk).
+    """
+    features_list = [features[f] for f in rpn.in_features]
+    anchors = rpn.anchor_generator(features_list)
+    logits, deltas = rpn.rpn_head(features_list)
+    logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]  # (B, Hi·Wi·A), as RPN.forward
+    box_dim = rpn.anchor_generator.box_dim
+    deltas = [
+        x.view(x.shape[0], -1, box_dim, *x.shape[-2:]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+        for x in deltas
+    ]
+    proposals = rpn._decode_proposals(anchors, deltas)
+    pre_nms_topk, post_nms_topk = rpn.pre_nms_topk[rpn.training], rpn.post_nms_topk[rpn.training]
+    out_boxes, out_valid = [], []
+    for i, (h, w) in enumerate(images.image_sizes):
+        scores, boxes, kept = [], [], []
+        for level_boxes, level_logits in zip(proposals, logits):
+            n = level_logits.shape[1]
+            k = (
+                torch.sym_min(pre_nms_topk, n)
+                if isinstance(n, torch.SymInt)
+                else min(pre_nms_topk, n)
+            )
+            s, idx = level_logits[i].topk(k)
+            b = level_boxes[i, idx]
+            ok = torch.isfinite(b).all(1) & torch.isfinite(s)
+            b = torch.where(ok[:, None], b, 0.0)
+            x1, y1, x2, y2 = b.unbind(1)
+            # h, w: ints, or 0-d tensors in an export (clamp(min=int, max=tensor) does not exist)
+            x1, x2 = x1.clamp(min=0).clamp(max=w), x2.clamp(min=0).clamp(max=w)
+            y1, y2 = y1.clamp(min=0).clamp(max=h), y2.clamp(min=0).clamp(max=h)
+            b = torch.stack([x1, y1, x2, y2], dim=1)
+            ok &= (b[:, 2] - b[:, 0] > rpn.min_box_size) & (b[:, 3] - b[:, 1] > rpn.min_box_size)
+            # an invalid box becomes (0, 0, 0, 0): IoU 0 with every box, so it suppresses none
+            b = torch.where(ok[:, None], b, 0.0)
+            s = torch.where(ok, s, float("-inf"))
+            keep = torch.zeros_like(ok)
+            keep[nms(b, s, rpn.nms_thresh)] = True
+            scores.append(s)
+            boxes.append(b)
+            kept.append(keep & ok)
+        # pad so that there are at least post_nms_topk rows to rank
+        scores.append(logits[0].new_full((post_nms_topk,), float("-inf")))
+        boxes.append(logits[0].new_zeros((post_nms_topk, 4)))
+        kept.append(torch.zeros((post_nms_topk,), dtype=torch.bool, device=logits[0].device))
+        kept_ = torch.cat(kept)
+        ranked = torch.where(kept_, torch.cat(scores), float("-inf"))
+        order = ranked.topk(post_nms_topk).indices  # ONNX TopK (a stable sort has no ONNX op)
+        valid = kept_[order]
+        out_boxes.append(torch.where(valid[:, None], torch.cat(boxes)[order], 0.0))
+        out_valid.append(valid)
+    return torch.stack(out_boxes), torch.stack(out_valid)
+
+
+def fixed_size_roi_pool(pooler: ROIPooler, features: List[Tensor], boxes: Tensor) -> Tensor:
+    """detectron2's ``ROIPooler.forward`` for ``boxes`` (B, N, 4) without its data-dependent
+    split by level: every box is pooled on every level and keeps the one of its level
+    (``assign_boxes_to_levels``, FPN eq. 1). The same values, for L times the RoIAlign work.
+
+    Returns:
+        (B·N, C, S, S), the boxes of image 0 first.
+    """
+    b, n = boxes.shape[:2]
+    image_index = torch.arange(b, dtype=boxes.dtype, device=boxes.device)
+    rois = torch.cat([image_index[:, None, None].expand(b, n, 1), boxes], dim=2).flatten(0, 1)
+    levels = assign_boxes_to_levels(
+        [Boxes(x) for x in boxes],
+        pooler.min_level,
+        pooler.max_level,
+        pooler.canonical_box_size,
+        pooler.canonical_level,
+    )[:, None, None, None]
+    out = None
+    for level, (x, roi_align) in enumerate(zip(features, pooler.level_poolers)):
+        pooled = roi_align(x, rois)
+        out = pooled if out is None else torch.where(levels == level, pooled, out)
+    return out
 
 
 class TSPBoxHead(nn.Module):
@@ -146,26 +244,36 @@ class TSPBoxHead(nn.Module):
 
     def forward(self, pooled: Tensor, proposals: List[Instances]) -> Tensor:
         """pooled: (R, C, S, S) for the proposals of all images in order. Returns (R, d)."""
-        x = self.input_proj(pooled.flatten(1))
+        counts = [len(p) for p in proposals]
+        if sum(counts) == 0:  # nothing to encode
+            return self.input_norm(self.input_proj(pooled.flatten(1)))
+        pooled, mask = pad_per_image(pooled, counts)
+        boxes = pad_per_image(cat([p.proposal_boxes.tensor for p in proposals]), counts)[0]
+        x = self.forward_padded(pooled, boxes, [p.image_size for p in proposals], mask)
+        return x[~mask]
+
+    def forward_padded(
+        self,
+        pooled: Tensor,
+        boxes: Tensor,
+        image_sizes: Sequence[Tuple[int, int]],
+        padding_mask: Tensor,
+    ) -> Tensor:
+        """The box head on RoIs padded per image: ``pooled`` (B, N, C, S, S), ``boxes`` (B, N, 4)
+        absolute xyxy, ``padding_mask`` (B, N) True at padding, which no RoI attends to.
+        Returns (B, N, d)."""
+        x = self.input_proj(pooled.flatten(2))
         pos = None
         if self.pos_proj is not None:
-            pos = cat(
+            pos = torch.stack(
                 [
-                    roi_position_encoding(
-                        p.proposal_boxes.tensor, p.image_size, self.hidden_dim // 8
-                    )
-                    for p in proposals
+                    roi_position_encoding(b, size, self.hidden_dim // 8)
+                    for b, size in zip(boxes, image_sizes)
                 ]
             ).to(x.dtype)
             x = x + self.pos_proj(pos)
         x = self.input_norm(x)
-        counts = [len(p) for p in proposals]
-        if sum(counts) == 0:
-            return x
-        x, mask = pad_per_image(x, counts)
-        pos = None if pos is None else pad_per_image(pos, counts)[0]
-        x = self.encoder(x, pos=pos, key_padding_mask=unmask_empty_rows(mask))
-        return x[~mask]
+        return self.encoder(x, pos=pos, key_padding_mask=unmask_empty_rows(padding_mask))
 
 
 class TSPFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -361,23 +469,32 @@ class TransformerROIHeads(ROIHeads):
         )
         return self.box_predictor(self.box_head(pooled, proposals))
 
-    def box_outputs(
-        self, features: Dict[str, Tensor], proposals: List[Instances]
+    def padded_outputs(
+        self,
+        features: Dict[str, Tensor],
+        boxes: Tensor,
+        valid: Tensor,
+        image_sizes: Sequence[Tuple[int, int]],
     ) -> Dict[str, Tensor]:
-        """Raw outputs padded per image: ``pred_logits`` (B, N, K+1), ``pred_boxes``
-        (B, N, K·4 or 4) absolute xyxy, ``valid`` (B, N)."""
-        predictions = self.predictions(features, proposals)
-        counts = [len(p) for p in proposals]
-        logits, padding = pad_per_image(predictions[0], counts)
-        boxes = (
-            cat(self.box_predictor.predict_boxes(predictions, proposals))
-            if sum(counts)
-            else predictions[1]
+        """Inference raw outputs for a fixed number N of proposals per image (``boxes``
+        (B, N, 4), ``valid`` (B, N), as :func:`fixed_size_rpn_proposals` gives them):
+        ``pred_logits`` (B, N, K+1), ``pred_boxes`` (B, N, K·4 or 4) absolute xyxy, unclipped,
+        and ``valid``. Invalid rows attend to nothing valid and are not attended to."""
+        pooled = fixed_size_roi_pool(
+            self.box_pooler, [features[f] for f in self.box_in_features], boxes
         )
+        x = self.box_head.forward_padded(
+            pooled.unflatten(0, valid.shape), boxes, image_sizes, ~valid
+        )
+        predictions = self.box_predictor(x.flatten(0, 1))
+        proposals = [
+            Instances(size, proposal_boxes=Boxes(b)) for b, size in zip(boxes, image_sizes)
+        ]
+        pred_boxes = torch.stack(self.box_predictor.predict_boxes(predictions, proposals))
         return {
-            "pred_logits": logits,
-            "pred_boxes": pad_per_image(boxes, counts)[0],
-            "valid": ~padding,
+            "pred_logits": predictions[0].unflatten(0, valid.shape),
+            "pred_boxes": pred_boxes,
+            "valid": valid,
         }
 
     @torch.no_grad()
@@ -438,12 +555,19 @@ class TSPRCNN(GeneralizedRCNN):
         with event_storage():
             return super().forward(batched_inputs)
 
+    @property
+    def size_divisibility(self) -> int:
+        """The input padding multiple (the FPN's: 32)."""
+        return self.backbone.size_divisibility
+
     def compute_outputs(
         self, images: ImageList, padding_mask: Optional[Tensor] = None
     ) -> Dict[str, Tensor]:
-        """Inference-mode raw outputs for normalised, padded ``images`` (see
-        :meth:`TransformerROIHeads.box_outputs`); ``padding_mask`` is unused (the image sizes
-        say it)."""
+        """Inference raw outputs for normalised, padded ``images``, of a fixed size (the export
+        path): :func:`fixed_size_rpn_proposals`, then
+        :meth:`TransformerROIHeads.padded_outputs`. ``padding_mask`` is unused (the image sizes
+        say it). :func:`detr_variants.engine.export.postprocess_exported` turns them into the
+        model's own detections."""
         features = self.backbone(images.tensor)
-        proposals, _ = self.proposal_generator(images, features, None)
-        return self.roi_heads.box_outputs(features, proposals)
+        boxes, valid = fixed_size_rpn_proposals(self.proposal_generator, images, features)
+        return self.roi_heads.padded_outputs(features, boxes, valid, images.image_sizes)
