@@ -119,41 +119,33 @@ def test_checkpoint_with_another_class_count_is_refused(tiny_cfg, trained_checkp
         DefaultPredictor(tiny_cfg)
 
 
-def test_demo_trains_the_default_config_evaluates_and_draws(
-    tiny_shapes, tmp_path, monkeypatch, repo_root
-):
-    """tools/train_demo.py end to end on the tiny dataset: the default config (Deformable DETR) with its
-    demo iteration count, overridden from the command line; the summary and the PNG are written."""
-    import importlib.util
+def test_demo_recipe_trains_and_evaluates_on_the_demo_level(tmp_path, monkeypatch, repo_root):
+    """tools/train_demo.py end to end with its default config, the demo recipe, unchanged but for
+    the iteration count, on a 16/8-image draw of the shapes_demo level: it trains, evaluates on
+    the level's validation split twice (COCO ids 1, 3, 7), and writes the summary, the PNG and
+    the checkpoint it points to."""
+    from detr_variants.data.synthetic import SHAPES_DEMO, register_synthetic_shapes
+    from helpers import load_script
 
-    from helpers import tiny_run_overrides
-
-    spec = importlib.util.spec_from_file_location(
-        "train_demo", os.path.join(repo_root, "tools", "train_demo.py")
+    demo = load_script(repo_root, "tools", "train_demo.py")
+    register_synthetic_shapes(
+        root=str(tmp_path / "data"), spec=SHAPES_DEMO, num_train=16, num_val=8
     )
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    assert demo.DEFAULT_DEMO_CONFIG == "deformable_detr/deformable_detr_r18_synthetic"
+    monkeypatch.chdir(repo_root)
     out = tmp_path / "demo"
-    overrides = [
-        o
-        for o in tiny_run_overrides(out)
-        if not o.startswith(("train.output_dir", "train.eval_period"))
-    ]
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            "train_demo.py",
-            "--output-dir",
-            str(out),
-            *overrides,
-            "train.max_iter=2",
-            "model.encoder.num_layers=1",
-            "model.decoder.num_layers=1",
-        ],
-    )
-    demo.main()
+    argv = ["train_demo.py", "--output-dir", str(out), "--eval-period", "2", "train.max_iter=4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        demo.main()
+    finally:
+        register_synthetic_shapes(spec=SHAPES_DEMO)  # the real level again, for later tests
     summary = json.load(open(out / "demo_summary.json"))
-    assert summary["config"] == demo.DEFAULT_DEMO_CONFIG and summary["iterations"] == 2
-    assert (out / "predictions.png").stat().st_size > 0
+    assert summary["config"] == demo.DEFAULT_CONFIG and summary["iterations"] == 4
+    assert [p["iteration"] for p in summary["points"]] == [2, 4]
+    assert 0 < summary["points"][0]["train_cpu_s"] < summary["train_cpu_s"]
+    assert all(0 <= p["AP"] <= 100 for p in summary["points"])
+    assert summary["peak_rss_mib"]["main_process"] > 100
+    results = json.load(open(out / "inference" / "coco_instances_results.json"))
+    assert {r["category_id"] for r in results} <= {1, 3, 7}
+    assert cv2.imread(str(out / "predictions.png")).shape == (640, 960, 3)
+    assert (out / "model_final.pth").stat().st_size > 0

@@ -4,11 +4,12 @@ from .custom import (
     scaled_detr_train_augmentations,
 )
 from .mapper import DetrDatasetMapper, valid_annotations
-from .synthetic import register_synthetic_shapes
+from .synthetic import SHAPES_DEMO, register_synthetic_shapes
 from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 from .transforms import RandomChoice, detr_test_augmentations, detr_train_augmentations
 
 register_synthetic_shapes()
+register_synthetic_shapes(spec=SHAPES_DEMO)
 
 __all__ = [
     "DetrDatasetMapper",

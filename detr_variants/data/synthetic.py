@@ -7,7 +7,8 @@ minutes on 2 CPU cores and hard enough that COCO AP separates a good detector fr
 Its annotations carry what COCO's carry: a polygon ``segmentation`` per shape, some ``iscrowd``
 regions with uncompressed RLE masks, category ids with gaps, images without objects, and some
 grayscale JPEGs. Another dataset is a few lines, e.g.
-``register_synthetic_shapes(spec=dataclasses.replace(SYNTHETIC_SHAPES, name="big", ...))``.
+``register_synthetic_shapes(spec=dataclasses.replace(SYNTHETIC_SHAPES, name="big", ...))``;
+:data:`SHAPES_DEMO` (``shapes_demo``) is the easier level that ``make demo`` trains on.
 
 The data is generated on first use (not at import or registration time) into
 ``$DETR_VARIANTS_DATASETS/<spec.name>`` (default root: ``~/.cache/detr_variants``)::
@@ -44,6 +45,7 @@ __all__ = [
     "ShapesSpec",
     "SYNTHETIC_SHAPES",
     "SYNTHETIC_CLASSES",
+    "SHAPES_DEMO",
     "SPLITS",
     "dataset_dir",
     "mask_to_rle",
@@ -139,6 +141,23 @@ class ShapesSpec:
 
 SYNTHETIC_SHAPES = ShapesSpec()
 SYNTHETIC_CLASSES = SYNTHETIC_SHAPES.classes
+
+# The demo level (``make demo``): sized so that a detector trained from scratch for 10 minutes on
+# 2 CPU cores finds the objects. Three classes, smaller images, at most 4 medium to large shapes
+# (a few small ones, so COCO's small bucket exists), a third of the clutter; the same generator,
+# COCO format and real-data traits (polygons, crowd regions, id gaps, empty and grayscale images).
+SHAPES_DEMO = ShapesSpec(
+    name="shapes_demo",
+    classes=("circle", "square", "triangle"),
+    category_ids=(1, 3, 7),
+    num_train=800,
+    num_val=100,
+    image_size=(128, 160),
+    max_objects=4,
+    side_ranges=((24, 40), (40, 64), (64, 96)),
+    size_probs=(0.30, 0.45, 0.25),
+    clutter=0.3,
+)
 
 
 def dataset_dir(root: Optional[str] = None, spec: ShapesSpec = SYNTHETIC_SHAPES) -> str:
