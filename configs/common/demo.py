@@ -2,7 +2,8 @@
 # shapes_demo level, measured on 2 cores (README): R18 trained from scratch at the full learning
 # rate (no pretrained weights, so BatchNorm and no 0.1x backbone multiplier), transformers 128
 # wide with 3+3 layers and FFN 512, 20 queries (at most 4 objects per image), AdamW 4e-4,
-# batch 8, a x0.1 drop at 80% of the iterations.
+# batch 4 without random crops (configs/common/data/shapes_demo.py), a x0.1 drop at 80% of the
+# iterations.
 from .data.shapes_demo import dataloader  # noqa: F401
 from .schedule import step_schedule
 

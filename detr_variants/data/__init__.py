@@ -6,7 +6,12 @@ from .custom import (
 from .mapper import DetrDatasetMapper, valid_annotations
 from .synthetic import SHAPES_DEMO, register_synthetic_shapes
 from .train_loader import ResumableTrainLoader, build_resumable_train_loader
-from .transforms import RandomChoice, detr_test_augmentations, detr_train_augmentations
+from .transforms import (
+    RandomChoice,
+    detr_test_augmentations,
+    detr_train_augmentations,
+    flip_resize_augmentations,
+)
 
 register_synthetic_shapes()
 register_synthetic_shapes(spec=SHAPES_DEMO)
@@ -23,4 +28,5 @@ __all__ = [
     "build_resumable_train_loader",
     "detr_test_augmentations",
     "detr_train_augmentations",
+    "flip_resize_augmentations",
 ]

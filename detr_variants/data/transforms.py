@@ -64,6 +64,16 @@ def detr_train_augmentations(
     ]
 
 
+def flip_resize_augmentations(min_sizes: Sequence[int], max_size: int) -> List[T.Augmentation]:
+    """Horizontal flip and a multi-scale resize: DETR's augmentation without its random-crop
+    branch. The demo recipe trains with it: in its few epochs, the crops slowed learning more
+    than they helped (README "The demo")."""
+    return [
+        T.RandomFlip(horizontal=True),
+        ResizeShortestEdge(list(min_sizes), max_size, sample_style="choice"),
+    ]
+
+
 def detr_test_augmentations(min_size: int = 800, max_size: int = 1333) -> List[T.Augmentation]:
     """Shortest edge ``min_size``, longest at most ``max_size``."""
     return [ResizeShortestEdge(min_size, max_size)]

@@ -8,6 +8,7 @@ from detr_variants.data import (
     build_resumable_train_loader,
     detr_test_augmentations,
     detr_train_augmentations,
+    flip_resize_augmentations,
 )
 
 
@@ -17,8 +18,8 @@ def detr_dataloader(
     test_names: str,
     min_sizes,
     max_size: int,
-    crop_resize_sizes,
-    crop_size,
+    crop_resize_sizes=None,
+    crop_size=None,
     test_min_size: int,
     total_batch_size: int,
     num_workers: int,
@@ -27,20 +28,26 @@ def detr_dataloader(
 
     Training uses every image, including those without objects (as DETR), with DETR's
     augmentation (:func:`detr_train_augmentations`: flip, multi-scale resize, or a resize + random
-    crop + resize); test resizes the short side to ``test_min_size``. Images are RGB.
+    crop + resize), or without its crop branch when no crop sizes are given
+    (:func:`flip_resize_augmentations`); test resizes the short side to ``test_min_size``.
+    Images are RGB.
     """
+    if crop_size is None:
+        augmentations = L(flip_resize_augmentations)(min_sizes=list(min_sizes), max_size=max_size)
+    else:
+        augmentations = L(detr_train_augmentations)(
+            min_sizes=list(min_sizes),
+            max_size=max_size,
+            crop_resize_sizes=list(crop_resize_sizes),
+            crop_size=list(crop_size),
+        )
     dataloader = OmegaConf.create()
     # build_detection_train_loader's arguments; the order continues exactly after --resume.
     dataloader.train = L(build_resumable_train_loader)(
         dataset=L(get_detection_dataset_dicts)(names=train_names, filter_empty=False),
         mapper=L(DetrDatasetMapper)(
             is_train=True,
-            augmentations=L(detr_train_augmentations)(
-                min_sizes=list(min_sizes),
-                max_size=max_size,
-                crop_resize_sizes=list(crop_resize_sizes),
-                crop_size=list(crop_size),
-            ),
+            augmentations=augmentations,
             image_format="RGB",
         ),
         total_batch_size=total_batch_size,
