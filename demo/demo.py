@@ -3,7 +3,7 @@
 with detectron2's visualizers (the flags of detectron2's ``demo/demo.py``). To train a model
 first, on the embedded dataset, see ``tools/train_demo.py`` (``make demo``).
 
-    python demo/demo.py --config-file projects/deformable_detr/configs/deformable_detr_r18_synthetic.py \\
+    python demo/demo.py --config-file projects/deformable_detr/configs/deformable_detr_demo.py \\
         --input photos/ --output out/ --opts train.init_checkpoint=output/demo/model_final.pth
     python demo/demo.py --config-file CFG --input 'a/*.jpg' b.png --output out/ --opts ...
     python demo/demo.py --config-file CFG --video-input clip.mp4 --output out/ --opts ...
