@@ -201,10 +201,10 @@ def fixed_size_roi_pool(pooler: ROIPooler, features: List[Tensor], boxes: Tensor
         pooler.canonical_box_size,
         pooler.canonical_level,
     )[:, None, None, None]
-    out = None
-    for level, (x, roi_align) in enumerate(zip(features, pooler.level_poolers)):
-        pooled = roi_align(x, rois)
-        out = pooled if out is None else torch.where(levels == level, pooled, out)
+    roi_aligns = pooler.level_poolers
+    out = roi_aligns[0](features[0], rois)
+    for level in range(1, len(features)):
+        out = torch.where(levels == level, roi_aligns[level](features[level], rois), out)
     return out
 
 
@@ -410,7 +410,7 @@ class TransformerROIHeads(ROIHeads):
         *,
         box_in_features: Sequence[str],
         box_pooler: nn.Module,
-        box_head: nn.Module,
+        box_head: TSPBoxHead,
         box_predictor: TSPFastRCNNOutputLayers,
         random_drop: float = 0.7,
         **kwargs,
