@@ -99,20 +99,20 @@ def main():
     setup_logger(args.output_dir, name="detr_variants")
 
     max_iter = cfg.train.max_iter
-    recorders = []
+    recorder = None
 
-    def recorder(evaluate):
-        recorders.append(
-            ConvergenceRecorder(
-                evaluate, period=args.eval_period or max_iter, on_record=lambda record: None
-            )
+    def add_recorder(evaluate):
+        # times the training steps alone and evaluates every --eval-period and at the end
+        nonlocal recorder
+        recorder = ConvergenceRecorder(
+            evaluate, period=args.eval_period or max_iter, on_record=lambda record: None
         )
-        return recorders
+        return [recorder]
 
     start = time.perf_counter()
-    train(cfg, extra_hooks=recorder)
+    train(cfg, extra_hooks=add_recorder)
     total_seconds = time.perf_counter() - start
-    points = recorders[0].points
+    points = recorder.points
     final = points[-1]
     weights = os.path.join(args.output_dir, "model_final.pth")
     png = os.path.join(args.output_dir, "predictions.png")

@@ -32,6 +32,8 @@ def detr_dataloader(
     (:func:`flip_resize_augmentations`); test resizes the short side to ``test_min_size``.
     Images are RGB.
     """
+    if (crop_size is None) != (crop_resize_sizes is None):
+        raise ValueError("give both crop_resize_sizes and crop_size (DETR's crops) or neither")
     if crop_size is None:
         augmentations = L(flip_resize_augmentations)(min_sizes=list(min_sizes), max_size=max_size)
     else:
