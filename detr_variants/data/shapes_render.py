@@ -16,7 +16,6 @@ __all__ = ["SHAPES", "render_image", "shape_mask"]
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 
-MAX_IOU = 0.3
 MIN_VISIBLE = 0.5  # fraction of an object that later objects must leave visible
 PLACEMENT_TRIES = 25
 MIN_COLOUR_DIST = 90.0  # L2 in RGB between an object and what lies beneath it
@@ -139,8 +138,9 @@ def _box_iou(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]) -> floa
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
-def _place(mask, owner, boxes, full_areas, rng) -> Optional[Tuple[int, int]]:
-    """Finds a top-left corner for ``mask`` that respects the overlap limits, or None."""
+def _place(mask, owner, boxes, full_areas, max_iou, rng) -> Optional[Tuple[int, int]]:
+    """Finds a top-left corner for ``mask`` whose box overlaps no earlier box by more than
+    ``max_iou`` and that leaves every earlier object ``MIN_VISIBLE`` visible, or None."""
     h_img, w_img = owner.shape
     h, w = mask.shape
     if w > w_img - 2 or h > h_img - 2:
@@ -152,7 +152,7 @@ def _place(mask, owner, boxes, full_areas, rng) -> Optional[Tuple[int, int]]:
         x0 = int(rng.integers(1, w_img - w))
         y0 = int(rng.integers(1, h_img - h))
         box = (x0, y0, w, h)
-        if any(_box_iou(box, b) > MAX_IOU for b in boxes):
+        if any(_box_iou(box, b) > max_iou for b in boxes):
             continue
         # Pixels of each earlier object that this one would newly cover.
         under = owner[y0 : y0 + h, x0 : x0 + w][mask]
@@ -242,7 +242,7 @@ def render_image(spec, rng: np.random.Generator) -> Tuple[np.ndarray, List[dict]
     boxes, full_areas, objects = [], [], []
 
     def add(mask, pieces, obj):
-        pos = _place(mask, owner, boxes, full_areas, rng)
+        pos = _place(mask, owner, boxes, full_areas, spec.max_overlap_iou, rng)
         if pos is None:
             return None  # dropped: too crowded for this shape
         x0, y0 = pos

@@ -81,6 +81,7 @@ class ShapesSpec:
         side_ranges: sqrt(box area) ranges of the size buckets, pixels.
         size_probs: sampling probability of each bucket.
         clutter: scales the number of non-object lines and blobs (0: none).
+        max_overlap_iou: the most a shape's box may overlap an earlier one's (IoU; 0: disjoint).
         empty_fraction: probability of an image without objects.
         grayscale_fraction: probability of a grayscale (single-channel) JPEG.
         crowd_fraction: probability of a crowd region (a cluster of tiny shapes, ``iscrowd``).
@@ -100,6 +101,7 @@ class ShapesSpec:
     side_ranges: Tuple[Tuple[float, float], ...] = ((10, 31), (33, 95), (97, 150))
     size_probs: Tuple[float, ...] = (0.30, 0.45, 0.25)
     clutter: float = 1.0
+    max_overlap_iou: float = 0.3
     empty_fraction: float = 0.02
     grayscale_fraction: float = 0.03
     crowd_fraction: float = 0.05
@@ -118,7 +120,7 @@ class ShapesSpec:
             problems.append("image_size must be (lo, hi) with 1 <= lo <= hi")
         if not 0 <= self.min_objects <= self.max_objects:
             problems.append("need 0 <= min_objects <= max_objects")
-        for f in ("clutter", "empty_fraction", "grayscale_fraction", "crowd_fraction"):
+        for f in ("clutter", "max_overlap_iou", "empty_fraction", "grayscale_fraction", "crowd_fraction"):
             if not 0 <= getattr(self, f) <= (10 if f == "clutter" else 1):
                 problems.append(f"{f} out of range")
         if problems:
@@ -156,7 +158,8 @@ SHAPES_DEMO = ShapesSpec(
     max_objects=4,
     side_ranges=((24, 40), (40, 64), (64, 96)),
     size_probs=(0.30, 0.45, 0.25),
-    clutter=0.3,
+    clutter=0.1,
+    max_overlap_iou=0.0,
 )
 
 

@@ -145,22 +145,26 @@ class SetPredictionTrainer(SimpleTrainer):
 
 
 class ReleaseFreedMemory(HookBase):
-    """Returns the heap's free pages to the OS after every step (glibc ``malloc_trim``).
+    """Returns the heap's free pages to the OS every ``period`` steps (glibc ``malloc_trim``).
 
     The tensors of a step change size with every multi-scale batch; glibc serves them from a heap
     that fragments (its mmap threshold rises after large frees), and free pages between live
     chunks stay resident: over a synthetic Deformable DETR run the resident size grows by GBs.
     ``malloc_trim(0)`` releases those pages; it is a no-op where the C library is not glibc.
+    Trimming costs page faults when the next step touches the released pages again: on the demo
+    model every step made training 18% slower (0.72 vs 0.61 s/it), every 20th step 2%, with the
+    resident size back at the every-step level after each trim.
     """
 
-    def __init__(self):
+    def __init__(self, period: int = 20):
+        self._period = period
         try:
             self._trim = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             self._trim = None
 
     def after_step(self):
-        if self._trim is not None:
+        if self._trim is not None and (self.trainer.iter + 1) % self._period == 0:
             self._trim(0)
 
 
