@@ -10,7 +10,7 @@ import torch
 from detr_variants.checkpoint import CheckpointMismatchError
 from detr_variants.engine import DefaultPredictor, ModelEMA, param_groups
 from detr_variants.engine.lazy_train import apply_overrides, resolve_max_iter, train
-from detr_variants.engine.trainer import SetPredictionTrainer
+from detr_variants.engine.trainer import ReleaseFreedMemory, SetPredictionTrainer
 
 
 def _metrics(output_dir):
@@ -27,6 +27,17 @@ def test_unknown_config_key_is_an_error(tiny_cfg):
     # an argument the model accepts but the config does not list is fine, and so is '+'
     apply_overrides(tiny_cfg, ["model.aux_loss=False", "+train.note=hello"])
     assert tiny_cfg.model.aux_loss is False and tiny_cfg.train.note == "hello"
+
+
+def test_release_freed_memory_trims_after_every_period_th_step():
+    hook = ReleaseFreedMemory(period=3)
+    trims = []
+    hook._trim = lambda pad: trims.append(hook.trainer.iter)
+    hook.trainer = type("Trainer", (), {"iter": 0})()
+    for it in range(8):
+        hook.trainer.iter = it
+        hook.after_step()
+    assert trims == [2, 5]  # after the 3rd and the 6th step
 
 
 def test_epochs_to_iterations():

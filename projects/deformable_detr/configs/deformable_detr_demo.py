@@ -5,4 +5,4 @@ from ....configs.common.demo import dataloader, lr_multiplier, make_demo_sized
 from .deformable_detr_r50_50ep import model, optimizer, train
 
 model.update(with_box_refine=True, two_stage=True)
-make_demo_sized(model, optimizer, train, max_iter=800, output_dir="./output/demo")
+make_demo_sized(model, optimizer, train, max_iter=850, output_dir="./output/demo")

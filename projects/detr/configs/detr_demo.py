@@ -3,4 +3,4 @@
 from ....configs.common.demo import dataloader, lr_multiplier, make_demo_sized
 from .detr_r50_500ep import model, optimizer, train
 
-make_demo_sized(model, optimizer, train, max_iter=800, output_dir="./output/demo_detr")
+make_demo_sized(model, optimizer, train, max_iter=850, output_dir="./output/demo_detr")
