@@ -197,6 +197,26 @@ def test_render_image_is_a_function_of_spec_and_rng():
     assert 40 <= min(img.shape[:2]) and max(img.shape[:2]) <= 60
 
 
+def _iou(a, b):
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(iw, 0) * max(ih, 0)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+@pytest.mark.parametrize("max_iou", [0.0, 0.3])
+def test_boxes_overlap_at_most_max_overlap_iou(max_iou):
+    spec = ShapesSpec(image_size=(96, 128), max_objects=8, max_overlap_iou=max_iou)
+    rng = np.random.default_rng(0)
+    ious = []
+    for _ in range(30):
+        boxes = [o["bbox"] for o in render_image(spec, rng)[1]]
+        ious += [_iou(a, b) for i, a in enumerate(boxes) for b in boxes[:i]]
+    assert len(ious) > 30 and max(ious) <= max_iou
+    if max_iou > 0:
+        assert max(ious) > 0.1  # the limit, not the placement, keeps the default's boxes apart
+
+
 def test_parameter_change_regenerates(tmp_path):
     out = str(tmp_path / "synthetic_shapes")
     generate_synthetic_shapes(out, num_train=2, num_val=2)

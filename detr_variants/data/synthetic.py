@@ -145,9 +145,11 @@ SYNTHETIC_SHAPES = ShapesSpec()
 SYNTHETIC_CLASSES = SYNTHETIC_SHAPES.classes
 
 # The demo level (``make demo``): sized so that a detector trained from scratch for 10 minutes on
-# 2 CPU cores finds the objects. Three classes, smaller images, at most 4 medium to large shapes
-# (a few small ones, so COCO's small bucket exists), a third of the clutter; the same generator,
-# COCO format and real-data traits (polygons, crowd regions, id gaps, empty and grayscale images).
+# 2 CPU cores finds the objects. Three classes, smaller images, at most 4 medium shapes (a few
+# small ones, so COCO's small bucket exists) whose boxes do not overlap, a tenth of the clutter
+# (disjoint shapes and less clutter took the 900-iteration run from AP 21.2 to 43.0: README "The
+# demo"); the same generator, COCO format and real-data traits (polygons, crowd regions, id gaps,
+# empty and grayscale images).
 SHAPES_DEMO = ShapesSpec(
     name="shapes_demo",
     classes=("circle", "square", "triangle"),
