@@ -366,6 +366,8 @@ def test_bad_choices_are_refused(repo_root):
     inst = Instances((10, 10), scores=torch.tensor([0.2, 0.9]), query_indices=torch.tensor([4, 7]))
     inst.pred_boxes, inst.pred_classes = Boxes(torch.zeros(2, 4)), torch.tensor([1, 0])
     assert [d["query"] for d in tool.chosen_detections(inst, top=5)] == [7, 4]  # by score
+    labels = [d["label"] for d in tool.chosen_detections(inst, top=2, class_names=["circle"])]
+    assert labels[0].startswith("circle, score 0.90") and labels[1].startswith("class 1, ")
     with pytest.raises(ValueError, match=r"detections \[2\] do not exist: the model made 2"):
         tool.chosen_detections(inst, top=1, indices=[0, 2])
     with pytest.raises(ValueError, match=r"heads \[8\] do not exist: the layer has 8"):

@@ -55,6 +55,12 @@ def test_visualize_data_annotations(repo_root, small_coco, tmp_path):
         assert cv2.imread(path).shape == (info["height"], info["width"], 3)
     source = cv2.imread(os.path.join(train[1], "train_001.jpg"))
     assert np.abs(cv2.imread(written[1]).astype(int) - source).max() > 50  # boxes and labels
+    scaled = tool.main(
+        [args[0], args[1], "--source", "annotation", "--output-dir", str(tmp_path / "x2")]
+        + ["--num", "1", "--scale", "2"]
+        + args[2:]
+    )
+    assert cv2.imread(scaled[0]).shape == (2 * images[0]["height"], 2 * images[0]["width"], 3)
 
 
 def test_visualize_data_dataloader(repo_root, small_coco, tmp_path):
@@ -102,6 +108,10 @@ def test_visualize_json_results(repo_root, small_coco, tmp_path):
     for path, image_id in zip(written, with_dets):
         h, w = sizes[image_id]
         assert cv2.imread(path).shape == (h, 2 * w, 3)
+
+    scaled = tool.main([*base, "--output", str(tmp_path / "x2"), "--scale", "2"])
+    h, w = sizes[with_dets[0]]
+    assert cv2.imread(scaled[0]).shape == (2 * h, 4 * w, 3)
 
     dets[0]["category_id"] = 4  # not a category of the dataset
     results.write_text(json.dumps(dets))

@@ -38,6 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import LazyConfig  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import detr_variants  # noqa: F401, E402  (registers the datasets and architectures)
@@ -289,8 +290,18 @@ def predict_and_record(predictor: DefaultPredictor, image: np.ndarray, layer: in
     return instances, recorded, tuple(store["inputs"][0]["image"].shape[-2:]), kind
 
 
-def chosen_detections(instances, top: int, indices: Sequence[int] = None) -> List[Dict]:
-    """The detections by score rank (0: the best), with their query, box and label."""
+def test_class_names(cfg) -> Sequence[str]:
+    """``thing_classes`` of the config's first test dataset, empty when it has none."""
+    names = cfg.dataloader.test.dataset.get("names", ()) if "dataloader" in cfg else ()
+    first = names if isinstance(names, str) else next(iter(names), None)
+    return MetadataCatalog.get(first).get("thing_classes", ()) if first else ()
+
+
+def chosen_detections(
+    instances, top: int, indices: Sequence[int] = None, class_names: Sequence[str] = ()
+) -> List[Dict]:
+    """The detections by score rank (0: the best), with their query, box and label (the class
+    name where ``class_names`` has it, else its contiguous id)."""
     order = instances.scores.argsort(descending=True).tolist()
     ranks = list(range(min(top, len(order)))) if indices is None else list(indices)
     bad = [r for r in ranks if not 0 <= r < len(order)]
@@ -299,12 +310,13 @@ def chosen_detections(instances, top: int, indices: Sequence[int] = None) -> Lis
     dets = []
     for rank in ranks:
         i = order[rank]
+        cls = int(instances.pred_classes[i])
         dets.append(
             {
                 "rank": rank,
                 "query": int(instances.query_indices[i]),
                 "box": instances.pred_boxes.tensor[i].tolist(),
-                "label": f"class {int(instances.pred_classes[i])}, "
+                "label": f"{class_names[cls] if cls < len(class_names) else f'class {cls}'}, "
                 f"score {float(instances.scores[i]):.2f}, query {int(instances.query_indices[i])}",
             }
         )
@@ -323,7 +335,7 @@ def main(argv=None) -> List[str]:
     if divisibility is None:  # GeneralizedRCNN pads to its backbone's
         divisibility = model.backbone.size_divisibility
     frame = Frame(bgr.shape[:2], resized, divisibility)
-    dets = chosen_detections(instances, args.top, args.detections)
+    dets = chosen_detections(instances, args.top, args.detections, test_class_names(cfg))
     if not dets:
         logger.warning(f"{args.input}: no detections to draw")
     os.makedirs(args.output, exist_ok=True)

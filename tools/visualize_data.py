@@ -44,6 +44,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output-dir", required=True, help="where the PNGs are written")
     parser.add_argument("--num", type=int, default=16, help="number of images to draw")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="drawing size / image size (small images: 2-3)"
+    )
     parser.add_argument("opts", nargs="*", help="config overrides, key=value (+key=value adds)")
     return parser.parse_args(argv)
 
@@ -59,18 +62,18 @@ def save(image_rgb: np.ndarray, path: str) -> None:
         raise OSError(f"Could not write {path}")
 
 
-def draw_annotations(cfg, output_dir: str, num: int):
+def draw_annotations(cfg, output_dir: str, num: int, scale: float = 1.0):
     dicts = instantiate(cfg.dataloader.train.dataset)
     metadata = dataset_metadata(cfg)
     for record in dicts[:num]:
         image = read_image(record["file_name"], "RGB")
-        drawn = Visualizer(image, metadata).draw_dataset_dict(record).get_image()
+        drawn = Visualizer(image, metadata, scale=scale).draw_dataset_dict(record).get_image()
         name = os.path.splitext(os.path.basename(record["file_name"]))[0]
         save(drawn, os.path.join(output_dir, f"{name}.png"))
         yield os.path.join(output_dir, f"{name}.png")
 
 
-def draw_loader(cfg, output_dir: str, num: int):
+def draw_loader(cfg, output_dir: str, num: int, scale: float = 1.0):
     image_format = cfg.dataloader.train.mapper.get("image_format", "RGB")
     loader, _ = build_train_loader(cfg)
     metadata = dataset_metadata(cfg)
@@ -83,7 +86,7 @@ def draw_loader(cfg, output_dir: str, num: int):
         classes = inst.gt_classes.tolist()
         names = metadata.get("thing_classes")
         drawn = (
-            Visualizer(image, metadata)
+            Visualizer(image, metadata, scale=scale)
             .overlay_instances(
                 boxes=inst.gt_boxes.tensor.numpy(),
                 labels=[names[c] if names else str(c) for c in classes],
@@ -101,7 +104,7 @@ def main(argv=None):
     cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
     os.makedirs(args.output_dir, exist_ok=True)
     draw = draw_annotations if args.source == "annotation" else draw_loader
-    written = list(draw(cfg, args.output_dir, args.num))
+    written = list(draw(cfg, args.output_dir, args.num, args.scale))
     logger.info(f"Wrote {len(written)} images to {args.output_dir}")
     return written
 

@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="output directory for the PNGs")
     parser.add_argument("--conf-threshold", type=float, default=0.5, help="minimum score drawn")
     parser.add_argument(
+        "--scale", type=float, default=1.0, help="drawing size / image size (small images: 2-3)"
+    )
+    parser.add_argument(
         "--config-file", help="a LazyConfig whose dataloader registers --dataset (custom data)"
     )
     parser.add_argument(
@@ -119,11 +122,11 @@ def main(argv=None):
             continue
         image = read_image(record["file_name"], "RGB")
         inst = to_instances(by_image[record["image_id"]], to_contiguous, image.shape[:2])
-        predicted = Visualizer(image, metadata).draw_instance_predictions(inst).get_image()
-        truth = Visualizer(image, metadata).draw_dataset_dict(record).get_image()
+        predicted = Visualizer(image, metadata, args.scale).draw_instance_predictions(inst)
+        truth = Visualizer(image, metadata, args.scale).draw_dataset_dict(record)
         name = os.path.splitext(os.path.basename(record["file_name"]))[0]
         path = os.path.join(args.output, f"{name}.png")
-        if not cv2.imwrite(path, np.concatenate([predicted, truth], axis=1)[:, :, ::-1]):
+        if not cv2.imwrite(path, np.concatenate([predicted.get_image(), truth.get_image()], axis=1)[:, :, ::-1]):
             raise OSError(f"Could not write {path}")
         written.append(path)
     logger.info(
