@@ -124,9 +124,10 @@ def main(argv=None):
         inst = to_instances(by_image[record["image_id"]], to_contiguous, image.shape[:2])
         predicted = Visualizer(image, metadata, args.scale).draw_instance_predictions(inst)
         truth = Visualizer(image, metadata, args.scale).draw_dataset_dict(record)
+        side_by_side = np.concatenate([predicted.get_image(), truth.get_image()], axis=1)
         name = os.path.splitext(os.path.basename(record["file_name"]))[0]
         path = os.path.join(args.output, f"{name}.png")
-        if not cv2.imwrite(path, np.concatenate([predicted.get_image(), truth.get_image()], axis=1)[:, :, ::-1]):
+        if not cv2.imwrite(path, side_by_side[:, :, ::-1]):
             raise OSError(f"Could not write {path}")
         written.append(path)
     logger.info(

@@ -120,8 +120,9 @@ class ShapesSpec:
             problems.append("image_size must be (lo, hi) with 1 <= lo <= hi")
         if not 0 <= self.min_objects <= self.max_objects:
             problems.append("need 0 <= min_objects <= max_objects")
-        for f in ("clutter", "max_overlap_iou", "empty_fraction", "grayscale_fraction", "crowd_fraction"):
-            if not 0 <= getattr(self, f) <= (10 if f == "clutter" else 1):
+        fractions = ("max_overlap_iou", "empty_fraction", "grayscale_fraction", "crowd_fraction")
+        for f, top in [("clutter", 10)] + [(f, 1) for f in fractions]:
+            if not 0 <= getattr(self, f) <= top:
                 problems.append(f"{f} out of range")
         if problems:
             raise ValueError(f"Invalid ShapesSpec {self.name!r}: " + "; ".join(problems))
