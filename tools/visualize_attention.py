@@ -211,7 +211,7 @@ def draw_smca(image, det: Dict, rec: Dict, frame: Frame, path: str, heads=None) 
     for lvl, (h, w) in enumerate(shapes):
         prior = rec["priors"][lvl][0, :, q].exp()
         attention = rec["weights"][lvl][0, :, q]
-        for r, (name, maps) in enumerate((("prior G", prior), ("modulated attention", attention))):
+        for r, (name, maps) in enumerate((("prior G", prior), ("modulated", attention))):
             for col, head in enumerate(heads):
                 values = maps[head].view(h, w).cpu().numpy()
                 _heatmap(axes[2 * lvl + r, col], image, values, frame.extent(h, w), det["box"],
