@@ -14,7 +14,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools import mask as mask_util
 
-from detr_variants.data.shapes_render import render_image, shape_mask
+from detr_variants.data.shapes_render import _box_iou, render_image, shape_mask
 from detr_variants.data.synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_SHAPES,
@@ -197,13 +197,6 @@ def test_render_image_is_a_function_of_spec_and_rng():
     assert 40 <= min(img.shape[:2]) and max(img.shape[:2]) <= 60
 
 
-def _iou(a, b):
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    inter = max(iw, 0) * max(ih, 0)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
 @pytest.mark.parametrize("max_iou", [0.0, 0.3])
 def test_boxes_overlap_at_most_max_overlap_iou(max_iou):
     spec = ShapesSpec(image_size=(96, 128), max_objects=8, max_overlap_iou=max_iou)
@@ -211,7 +204,7 @@ def test_boxes_overlap_at_most_max_overlap_iou(max_iou):
     ious = []
     for _ in range(30):
         boxes = [o["bbox"] for o in render_image(spec, rng)[1]]
-        ious += [_iou(a, b) for i, a in enumerate(boxes) for b in boxes[:i]]
+        ious += [_box_iou(tuple(a), tuple(b)) for i, a in enumerate(boxes) for b in boxes[:i]]
     assert len(ious) > 30 and max(ious) <= max_iou
     if max_iou > 0:
         assert max(ious) > 0.1  # the limit, not the placement, keeps the default's boxes apart

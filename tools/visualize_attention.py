@@ -290,7 +290,7 @@ def predict_and_record(predictor: DefaultPredictor, image: np.ndarray, layer: in
     return instances, recorded, tuple(store["inputs"][0]["image"].shape[-2:]), kind
 
 
-def test_class_names(cfg) -> Sequence[str]:
+def dataset_class_names(cfg) -> Sequence[str]:
     """``thing_classes`` of the config's first test dataset, empty when it has none."""
     names = cfg.dataloader.test.dataset.get("names", ()) if "dataloader" in cfg else ()
     first = names if isinstance(names, str) else next(iter(names), None)
@@ -335,7 +335,7 @@ def main(argv=None) -> List[str]:
     if divisibility is None:  # GeneralizedRCNN pads to its backbone's
         divisibility = model.backbone.size_divisibility
     frame = Frame(bgr.shape[:2], resized, divisibility)
-    dets = chosen_detections(instances, args.top, args.detections, test_class_names(cfg))
+    dets = chosen_detections(instances, args.top, args.detections, dataset_class_names(cfg))
     if not dets:
         logger.warning(f"{args.input}: no detections to draw")
     os.makedirs(args.output, exist_ok=True)

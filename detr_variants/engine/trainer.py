@@ -153,8 +153,8 @@ class ReleaseFreedMemory(HookBase):
     ``malloc_trim(0)`` releases those pages; it is a no-op where the C library is not glibc.
     Trimming costs page faults when the next step touches the released pages again: on the demo
     model every step made training 18% slower (0.72 vs 0.61 s/it over 120 steps), every 20th step
-    2%; the resident size falls back to the every-step level at each trim and peaks about 0.25 GiB
-    above it in between (1.33 vs 1.06 GiB), where never trimming kept growing (to 1.40 GiB).
+    2%; the resident size falls back to the every-step level at each trim and peaks about 270 MiB
+    above it in between (1330 vs 1063 MiB), where never trimming kept growing (to 1395 MiB).
     """
 
     def __init__(self, period: int = 20):
