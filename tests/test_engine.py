@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detr_variants.checkpoint import CheckpointMismatchError
-from detr_variants.engine import DefaultPredictor, ModelEMA, param_groups
+from detr_variants.engine import DefaultPredictor, ModelEMA, lazy_train, param_groups
 from detr_variants.engine.lazy_train import apply_overrides, resolve_max_iter, train
 from detr_variants.engine.trainer import ReleaseFreedMemory, SetPredictionTrainer
 
@@ -38,6 +38,21 @@ def test_release_freed_memory_trims_after_every_period_th_step():
         hook.trainer.iter = it
         hook.after_step()
     assert trims == [2, 5]  # after the 3rd and the 6th step
+
+
+@pytest.mark.parametrize("period, expected", [(2, [1, 3]), (0, [])])
+def test_release_memory_period_from_the_config(tiny_cfg, monkeypatch, period, expected):
+    trims = []
+
+    class Recording(ReleaseFreedMemory):
+        def __init__(self, period):
+            super().__init__(period)
+            self._trim = lambda pad: trims.append(self.trainer.iter)
+
+    monkeypatch.setattr(lazy_train, "ReleaseFreedMemory", Recording)
+    tiny_cfg.train.update(max_iter=4, release_memory_period=period)
+    train(tiny_cfg)
+    assert trims == expected
 
 
 def test_epochs_to_iterations():

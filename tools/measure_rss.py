@@ -2,6 +2,7 @@
 """Runs a command and samples the memory of its process tree, then writes the curve to JSON.
 
     python tools/measure_rss.py --out rss.json --interval 2 -- python tools/train_net.py ...
+    python tools/measure_rss.py --plot rss.png before.json after.json   # curves side by side
 
 Each sample records the elapsed seconds, the main process's RSS and user / system CPU seconds,
 and the tree's summed RSS and PSS (PSS splits pages shared between the trainer and its data-loader workers, so it does not
@@ -61,13 +62,39 @@ def sample(pid: int) -> dict:
     }
 
 
+def plot(png: str, curve_files: list) -> None:
+    """The main process's RSS against elapsed time, one line per JSON (labelled by file name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for path in curve_files:
+        with open(path) as f:
+            curve = json.load(f)["curve"]
+        label = os.path.splitext(os.path.basename(path))[0]
+        ax.plot([s["t_s"] / 60 for s in curve], [s["rss_mib"] for s in curve], label=label)
+    ax.set(xlabel="minutes", ylabel="RSS of the main process (MiB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file for the curve")
+    parser.add_argument("--out", help="JSON file for the curve")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    parser.add_argument("--plot", metavar="PNG", help="draw the curves of the JSON files given")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ... (or JSON files)")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.plot:
+        plot(args.plot, command)
+        return
+    if not args.out or not command:
+        parser.error("--out and a command are required (or --plot PNG with JSON files)")
     start = time.monotonic()
     proc = subprocess.Popen(command)
     curve = []

@@ -20,5 +20,6 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=3),
     eval_period=5000,  # 0: evaluate only at the end; -1: never
     log_period=20,
+    release_memory_period=20,  # steps between returning freed heap pages to the OS; 0: never
     seed=-1,  # >= 0 for reproducible runs
 )
