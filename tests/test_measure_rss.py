@@ -2,8 +2,10 @@
 on, and the plot of two curves."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 
@@ -27,3 +29,14 @@ def test_curve_of_a_command_and_its_plot(repo_root, tmp_path):
     subprocess.run([*tool, "--plot", str(png), str(out), str(out)], check=True)
     assert cv2.imread(str(png)).shape == (400, 700, 3)
     assert subprocess.run([*tool, "--interval", "1"], capture_output=True).returncode == 2
+
+
+def test_terminating_the_sampler_stops_the_command_and_keeps_the_curve(repo_root, tmp_path):
+    out = tmp_path / "sleep.json"
+    cmd = [sys.executable, f"{repo_root}/tools/measure_rss.py", "--out", str(out)]
+    sampler = subprocess.Popen([*cmd, "--interval", "0.1", "--", "sleep", "60"])
+    time.sleep(1.0)
+    sampler.terminate()
+    assert sampler.wait(timeout=10) == 128 + signal.SIGTERM  # the command's status, as a shell
+    summary = json.loads(out.read_text())
+    assert summary["returncode"] == -signal.SIGTERM and summary["curve"]

@@ -12,6 +12,7 @@ count copy-on-write sharing twice). Figures are in MiB, read from /proc (Linux o
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +98,8 @@ def main():
         parser.error("--out and a command are required (or --plot PNG with JSON files)")
     start = time.monotonic()
     proc = subprocess.Popen(command)
+    # killing the sampler stops the command too (not an orphan training on) and keeps the curve
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())
     curve = []
     while proc.poll() is None:
         curve.append({"t_s": round(time.monotonic() - start, 1), **sample(proc.pid)})
@@ -109,7 +112,7 @@ def main():
         f"{summary['peak_tree_pss_mib']:.0f} MiB, end RSS {summary['end_rss_mib']:.0f} MiB, "
         f"{summary['wall_s']:.0f} s, rc {proc.returncode}"
     )
-    sys.exit(proc.returncode)
+    sys.exit(proc.returncode if proc.returncode >= 0 else 128 - proc.returncode)  # as a shell does
 
 
 def _write(out: str, command: list, returncode, start: float, curve: list) -> dict:
