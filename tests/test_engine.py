@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import torch
 
 from detr_variants.checkpoint import CheckpointMismatchError
 from detr_variants.engine import DefaultPredictor, ModelEMA, lazy_train, param_groups
+from detr_variants.engine import trainer as trainer_module
 from detr_variants.engine.lazy_train import apply_overrides, resolve_max_iter, train
 from detr_variants.engine.trainer import ReleaseFreedMemory, SetPredictionTrainer
 
@@ -29,28 +31,33 @@ def test_unknown_config_key_is_an_error(tiny_cfg):
     assert tiny_cfg.model.aux_loss is False and tiny_cfg.train.note == "hello"
 
 
-def test_release_freed_memory_trims_after_every_period_th_step():
-    hook = ReleaseFreedMemory(period=3)
+def test_release_freed_memory_trims_once_the_resident_size_grew_past_the_limit(monkeypatch):
+    rss = iter([1000, 1300, 1600, 1100, 1500, 1700, 1800])  # MiB after each step and each trim
+    monkeypatch.setattr(trainer_module, "resident_mib", lambda: next(rss))
+    hook = ReleaseFreedMemory(max_growth_mib=500)
     trims = []
     hook._trim = lambda pad: trims.append(hook.trainer.iter)
     hook.trainer = type("Trainer", (), {"iter": 0})()
-    for it in range(8):
+    for it in range(5):
         hook.trainer.iter = it
         hook.after_step()
-    assert trims == [2, 5]  # after the 3rd and the 6th step
+    # step 0 sets 1000; step 2 is 600 above it: trim (leaves 1100); step 4 is 600 above that
+    assert trims == [2, 4]
 
 
-@pytest.mark.parametrize("period, expected", [(2, [1, 3]), (0, [])])
-def test_release_memory_period_from_the_config(tiny_cfg, monkeypatch, period, expected):
+@pytest.mark.parametrize("growth, expected", [(50, [1, 2, 3]), (0, [])])
+def test_release_memory_growth_from_the_config(tiny_cfg, monkeypatch, growth, expected):
     trims = []
 
     class Recording(ReleaseFreedMemory):
-        def __init__(self, period):
-            super().__init__(period)
+        def __init__(self, max_growth_mib):
+            super().__init__(max_growth_mib)
             self._trim = lambda pad: trims.append(self.trainer.iter)
 
     monkeypatch.setattr(lazy_train, "ReleaseFreedMemory", Recording)
-    tiny_cfg.train.update(max_iter=4, release_memory_period=period)
+    readings = itertools.count(100, 100)  # every reading 100 MiB above the one before
+    monkeypatch.setattr(trainer_module, "resident_mib", lambda: next(readings))
+    tiny_cfg.train.update(max_iter=4, release_memory_growth_mib=growth)
     train(tiny_cfg)
     assert trims == expected
 

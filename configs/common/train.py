@@ -20,6 +20,8 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=3),
     eval_period=5000,  # 0: evaluate only at the end; -1: never
     log_period=20,
-    release_memory_period=20,  # steps between returning freed heap pages to the OS; 0: never
+    # return the heap's free pages to the OS after a step that grew the resident size by this many
+    # MiB since the last time (glibc malloc_trim); 0: never
+    release_memory_growth_mib=512,
     seed=-1,  # >= 0 for reproducible runs
 )

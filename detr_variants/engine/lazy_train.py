@@ -226,11 +226,11 @@ def train(
         last_results.update(do_test(cfg, eval_model))
         return last_results
 
-    trim_period = cfg.train.get("release_memory_period", 20)
+    trim_growth = cfg.train.get("release_memory_growth_mib", 512)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
-            ReleaseFreedMemory(trim_period) if trim_period > 0 else None,
+            ReleaseFreedMemory(trim_growth) if trim_growth else None,
             EMAHook(ema, model) if ema is not None else None,
             hooks.LRScheduler(
                 scheduler=LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter)
