@@ -154,7 +154,7 @@ class ReleaseFreedMemory(HookBase):
     chunks stay resident. ``malloc_trim(0)`` releases them, and the next steps pay page faults to
     touch them again. Measured over 250 steps of Deformable DETR on ``synthetic_shapes`` (README,
     "Training memory"): never trimming peaks at 4190 MiB, trimming every 20 steps at 3811 MiB (it
-    regrows 2 GiB within 20 steps), this rule at 2432 MiB (it trims after every step there, for 16%
+    regrows by up to 2 GiB within 20 steps), this rule at 2432 MiB (it trims after every step there, for 16%
     more training time). The demo model grows by less and is never trimmed (no cost).
     A no-op where the C library is not glibc or /proc is missing.
     """
