@@ -4,6 +4,7 @@ random weights), and TSP-RCNN's fixed-size proposals against detectron2's RPN.""
 
 import json
 import os
+import subprocess
 import sys
 import warnings
 
@@ -19,6 +20,7 @@ from detr_variants.engine.export import (
     load_exported,
     pad_to_divisibility,
     postprocess_exported,
+    save_exported,
     torchscript_module,
     trace_follows_input_size,
 )
@@ -148,7 +150,7 @@ def test_torchscript_trace_follows_the_input_size(variant, tmp_path):
     path = str(tmp_path / "model.pt")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torchscript_module(wrapper, images[0]), path)
+        save_exported(wrapper, images[0], path, "torchscript")
         expected = [wrapper(x) for x in images]
     run = load_exported(path, "torchscript")
     for image, e in zip(images, expected):
@@ -167,11 +169,46 @@ def test_fixed_size_torchscript_traces_refuse_other_sizes(variant, tmp_path):
     path = str(tmp_path / "model.pt")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torchscript_module(wrapper, image), path)
+        save_exported(wrapper, image, path, "torchscript")
         run = load_exported(path, "torchscript")
         assert max(max_diffs(wrapper(image), run(image))) <= 1e-5
         with pytest.raises(torch.jit.Error, match=r"traced at \(1, 3, \d+, \d+\)"):
             run(other)
+
+
+# Writes fail past 1 MiB (RLIMIT_FSIZE, SIGXFSZ ignored), as on a full disk
+FAILING_WRITE = """
+import resource, signal, sys, torch
+from detectron2.config import instantiate
+from detr_variants.engine.export import ExportableDetector, save_exported
+from detr_variants.engine.lazy_train import apply_overrides
+from detr_variants.model_zoo import get_config
+
+model = instantiate(apply_overrides(get_config("detr/detr_r18_synthetic"), sys.argv[2:]).model)
+wrapper = ExportableDetector(model.eval())
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    with torch.no_grad():
+        save_exported(wrapper, torch.zeros(1, 3, 96, 128), sys.argv[1], "torchscript")
+except OSError as e:
+    print("OSError:", e)
+"""
+
+
+def test_a_failed_write_is_an_error_not_a_crash(tmp_path):
+    """A TorchScript file that cannot be written (a full disk) raises OSError and leaves nothing
+    behind; given a path, torch's C++ writer aborts the whole process there instead."""
+    path = tmp_path / "model.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", FAILING_WRITE, str(path), *ONE_LAYER],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OSError: [Errno 27] File too large" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torchscript_of_tsp_fcos_refuses_a_size_below_its_foi_count():

@@ -7,6 +7,7 @@ from .loading import (
     Checkpointer,
     CheckpointMismatchError,
     atomic_torch_save,
+    atomic_write,
     load_inference_weights,
 )
 from .safe_load import (
@@ -24,6 +25,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "COCO_THING_IDS",
     "atomic_torch_save",
+    "atomic_write",
     "convert_checkpoint",
     "known_converters",
     "load_checkpoint_file",

@@ -123,7 +123,7 @@ class Checkpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _atomic_write(
+        atomic_write(
             os.path.join(self.save_dir, "last_checkpoint"),
             lambda f: f.write(last_filename_basename.encode()),
         )
@@ -187,13 +187,15 @@ def _iteration(path: str) -> Optional[float]:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)``, atomically (see :func:`_atomic_write`)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj, path)``, atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """``write(binary file)`` into a temporary file next to ``path``, flushed to disk, then
-    renamed over ``path``: readers see the old file or the complete new one, never a part."""
+    renamed over ``path``: readers see the old file or the complete new one, never a part.
+    Writers that take a file object write through Python, so a full disk raises ``OSError``
+    (torch's own C++ file writer, given a path, aborts the process there instead)."""
     folder, basename = os.path.split(path)
     tmp = os.path.join(folder, f".{basename}.tmp-{os.getpid()}")
     try:

@@ -20,6 +20,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
+from ..checkpoint import atomic_write
 from ..modeling.meta_arch.base import SetPredictionDetector, set_prediction_inference
 from ..modeling.meta_arch.conditional_detr import ConditionalDETR
 from ..modeling.meta_arch.detr import DETR
@@ -227,9 +228,11 @@ def save_exported(wrapper: ExportableDetector, example: Tensor, path: str, fmt: 
     """Captures ``wrapper`` with dynamic H, W from ``example`` (1, 3, H, W) and saves it as
     ``fmt``: ``"export"`` (a ``torch.export`` program, ``.pt2``), ``"onnx"`` (the dynamo exporter,
     opset 18: deformable attention through its ``grid_sample`` path, which stock ONNX Runtime
-    runs) or ``"torchscript"`` (a trace, see :func:`torchscript_module`)."""
+    runs) or ``"torchscript"`` (a trace, see :func:`torchscript_module`). Written atomically:
+    a failed write (a full disk) raises ``OSError`` and leaves no partial file."""
     if fmt == "export":
-        torch.export.save(export_program(wrapper, example), path)
+        program = export_program(wrapper, example)
+        atomic_write(path, lambda f: torch.export.save(program, f))
     elif fmt == "onnx":
         program = torch.onnx.export(
             wrapper,
@@ -243,7 +246,8 @@ def save_exported(wrapper: ExportableDetector, example: Tensor, path: str, fmt: 
         )
         program.save(path)
     elif fmt == "torchscript":
-        torch.jit.save(torchscript_module(wrapper, example), path)
+        module = torchscript_module(wrapper, example)
+        atomic_write(path, lambda f: torch.jit.save(module, f))
     else:
         raise ValueError(f"unknown export format {fmt!r}; use one of {EXPORT_FORMATS}")
 
